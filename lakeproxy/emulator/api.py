@@ -1,0 +1,433 @@
+"""A fake Databricks workspace API (aiohttp, bound to 127.0.0.1).
+
+Routes, shaped like the real ones:
+
+* ``POST /oidc/v1/token`` — OAuth M2M (client credentials, Basic auth or form
+  ``client_id``/``client_secret``); OAuth-style errors (``error``,
+  ``error_description``).
+* ``POST /api/2.0/postgres/credentials`` — Lakebase autoscaling database credential.
+* ``POST /api/2.0/database/credentials`` — provisioned-instance credential.
+* ``GET /api/2.0/postgres/{projects/.../endpoints/...}`` — the Endpoint object.
+
+REST errors use Databricks' shape ``{"error_code": ..., "message": ...}``;
+unknown paths give 404 ``ENDPOINT_NOT_FOUND`` as the real gateway does.
+
+Tokens look like the real ones (JWTs with random signatures, ~1 KB) but carry
+no meaning: validity lives in this object. Expiry uses the wall clock, so
+``expire_time`` and validity agree.
+
+Fault injection (:meth:`FakeWorkspace.inject`) queues per-path faults: a status
+with the usual error body (or ``body`` verbatim), an optional ``Retry-After``
+header and a ``delay`` before answering. ``status=200`` without ``body`` only
+delays a normal answer; ``status=0`` drops the connection without a response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import json
+import math
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final
+
+from aiohttp import web
+
+__all__ = ["FakeWorkspace", "Fault", "RecordedRequest", "rfc3339"]
+
+OIDC_PATH: Final = "/oidc/v1/token"
+POSTGRES_CREDENTIALS_PATH: Final = "/api/2.0/postgres/credentials"
+DATABASE_CREDENTIALS_PATH: Final = "/api/2.0/database/credentials"
+POSTGRES_PREFIX: Final = "/api/2.0/postgres/"
+
+_ERROR_CODES: Final[dict[int, str]] = {
+    400: "INVALID_PARAMETER_VALUE",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "RESOURCE_DOES_NOT_EXIST",
+    409: "RESOURCE_CONFLICT",
+    429: "REQUEST_LIMIT_EXCEEDED",
+    500: "INTERNAL_ERROR",
+    501: "NOT_IMPLEMENTED",
+    503: "TEMPORARILY_UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def rfc3339(ts: float) -> str:
+    """``ts`` (Unix seconds) as RFC 3339 UTC with a 'Z', milliseconds only when
+    non-zero (as protobuf's JSON Timestamp prints them)."""
+    dt = datetime.fromtimestamp(ts, UTC)
+    if dt.microsecond // 1000 == 0:
+        return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _fake_jwt(subject: str, lifetime: float, **claims: object) -> str:
+    now = time.time()
+    header = {"kid": secrets.token_hex(16), "typ": "at+jwt", "alg": "RS256"}
+    payload = {"client_id": subject, "scope": "all-apis", "sub": subject,
+               "iss": "https://emulator.lakebase.local/oidc", "iat": int(now),
+               "exp": int(now + lifetime), "jti": str(uuid.uuid4()), **claims}
+    return ".".join((_b64url(json.dumps(header, separators=(",", ":")).encode()),
+                     _b64url(json.dumps(payload, separators=(",", ":")).encode()),
+                     _b64url(secrets.token_bytes(256))))
+
+
+def _json_number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+@dataclass(slots=True)
+class Fault:
+    """One queued fault; see :meth:`FakeWorkspace.inject`."""
+
+    count: int
+    status: int
+    retry_after: float | None
+    delay: float
+    body: bytes | None = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedRequest:
+    """A request as received (headers without Authorization; body kept)."""
+
+    method: str
+    path: str
+    content_type: str
+    body: bytes = field(repr=False)
+    authorization_scheme: str
+
+
+class FakeWorkspace:
+    """The workspace API for one service principal, one Lakebase endpoint and
+    one provisioned instance. ``role`` is the Postgres role the credentials
+    log in as (default: ``client_id``, as for real service principals)."""
+
+    def __init__(
+        self,
+        *,
+        client_id: str,
+        client_secret: str,
+        endpoint_name: str,
+        instance_name: str,
+        endpoint_host: str,
+        pat: str | None = None,
+        oauth_lifetime: float = 3600.0,
+        credential_lifetime: float = 3600.0,
+        role: str | None = None,
+    ) -> None:
+        self.client_id = client_id
+        self._client_secret = client_secret
+        self.endpoint_name = endpoint_name
+        self.instance_name = instance_name
+        self.endpoint_host = endpoint_host
+        self._pat = pat
+        self.role = role if role is not None else client_id
+        self.oauth_lifetime = oauth_lifetime
+        self.credential_lifetime = credential_lifetime
+        #: returns "ACTIVE", "SUSPENDED" or "WAKING" (the front door's state).
+        self.compute_state: Callable[[], str] = lambda: "ACTIVE"
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.requests: list[RecordedRequest] = []
+        self._faults: dict[str, collections.deque[Fault]] = collections.defaultdict(
+            collections.deque)
+        self._oauth_tokens: dict[str, float] = {}
+        self._credentials: dict[str, float] = {}
+        self._runner: web.AppRunner | None = None
+        self.host = "127.0.0.1"
+        self.port = 0
+        self._created = time.time()
+
+    # ------------------------------------------------------------------ control
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT`` (valid after :meth:`start`)."""
+        return f"http://{self.host}:{self.port}"
+
+    def inject(
+        self,
+        path: str,
+        *,
+        count: int = 1,
+        status: int = 500,
+        retry_after: float | None = None,
+        delay: float = 0.0,
+        body: bytes | None = None,
+    ) -> None:
+        """Make the next ``count`` calls to ``path`` (exact request path) fail.
+
+        Each gets ``status`` after sleeping ``delay`` seconds, with a
+        ``Retry-After`` header when ``retry_after`` is given and ``body``
+        verbatim (else the usual JSON error for that status). ``status=200``
+        without ``body`` just delays the normal answer; ``status=0`` closes the
+        connection without answering. Faults queue up in call order.
+        """
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        self._faults[path].append(Fault(count, status, retry_after, delay, body))
+
+    def clear_faults(self) -> None:
+        """Drop every queued fault."""
+        self._faults.clear()
+
+    def issue_credential(self, lifetime: float | None = None) -> tuple[str, float]:
+        """Mint a database credential directly (no HTTP); returns (token, expiry)."""
+        life = self.credential_lifetime if lifetime is None else lifetime
+        token = _fake_jwt(self.role, life, aud="lakebase")
+        expiry = time.time() + life
+        self._credentials[token] = expiry
+        return token, expiry
+
+    def is_valid_credential(self, role: str, token: str) -> bool:
+        """True when ``token`` is an issued, unexpired, unrevoked database
+        credential and ``role`` is the principal's role."""
+        expiry = self._credentials.get(token)
+        return role == self.role and expiry is not None and time.time() < expiry
+
+    def revoke_credentials(self) -> None:
+        """Invalidate every database credential issued so far."""
+        self._credentials.clear()
+
+    def revoke_oauth_tokens(self) -> None:
+        """Invalidate every workspace OAuth token issued so far."""
+        self._oauth_tokens.clear()
+
+    # ------------------------------------------------------------------ server
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Bind and serve. ``port=0`` picks a free port (see :attr:`url`)."""
+        app = web.Application(middlewares=[self._middleware])
+        app.router.add_post(OIDC_PATH, self._oidc_token)
+        app.router.add_post(POSTGRES_CREDENTIALS_PATH, self._postgres_credentials)
+        app.router.add_post(DATABASE_CREDENTIALS_PATH, self._database_credentials)
+        app.router.add_get(POSTGRES_PREFIX + "{name:.+}", self._get_postgres_resource)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                                    shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.host, self.port = self._runner.addresses[0][:2]
+
+    async def stop(self) -> None:
+        """Stop serving (idempotent)."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    # ------------------------------------------------------------------ plumbing
+
+    @staticmethod
+    def _error(status: int, code: str, message: str) -> web.Response:
+        return web.json_response({"error_code": code, "message": message}, status=status)
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        self.calls[path] += 1
+        body = await request.read()
+        auth = request.headers.get("Authorization", "")
+        self.requests.append(RecordedRequest(request.method, path,
+                                             request.headers.get("Content-Type", ""), body,
+                                             auth.split(" ", 1)[0]))
+        queue = self._faults.get(path)
+        if queue:
+            fault = queue[0]
+            fault.count -= 1
+            if fault.count <= 0:
+                queue.popleft()
+            if fault.delay > 0:
+                await asyncio.sleep(fault.delay)
+            if fault.status == 0:
+                if request.transport is not None:
+                    request.transport.abort()
+                raise asyncio.CancelledError  # aiohttp treats this as a dropped peer
+            if not (fault.status == 200 and fault.body is None):
+                return self._fault_response(path, fault)
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            return self._error(404, "ENDPOINT_NOT_FOUND",
+                               f"No API found for '{request.method} {path}'")
+        except web.HTTPMethodNotAllowed:
+            return self._error(405, "ENDPOINT_NOT_FOUND",
+                               f"No API found for '{request.method} {path}'")
+
+    def _fault_response(self, path: str, fault: Fault) -> web.Response:
+        headers = {}
+        if fault.retry_after is not None:
+            ra = fault.retry_after
+            headers["Retry-After"] = str(int(ra)) if float(ra).is_integer() else str(ra)
+        if fault.body is not None:
+            return web.Response(status=fault.status, body=fault.body, headers=headers,
+                                content_type="application/json")
+        if path == OIDC_PATH:
+            payload: dict[str, str] = {
+                "error": "temporarily_unavailable" if fault.status >= 500 else "invalid_request",
+                "error_description": f"injected fault (HTTP {fault.status})"}
+        else:
+            code = _ERROR_CODES.get(fault.status,
+                                    "INTERNAL_ERROR" if fault.status >= 500 else "BAD_REQUEST")
+            payload = {"error_code": code, "message": f"injected fault (HTTP {fault.status})"}
+        return web.json_response(payload, status=fault.status, headers=headers)
+
+    def _bearer_error(self, request: web.Request) -> web.Response | None:
+        """None when the request carries a valid Bearer (OAuth token or PAT)."""
+        auth = request.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            return self._error(401, "UNAUTHENTICATED",
+                               "Credential was not sent or was of an unsupported type for "
+                               "this API.")
+        token = token.strip()
+        if self._pat is not None and secrets.compare_digest(token, self._pat):
+            return None
+        expiry = self._oauth_tokens.get(token)
+        if expiry is None:
+            return self._error(401, "UNAUTHENTICATED", "Invalid access token.")
+        if time.time() >= expiry:
+            return self._error(401, "UNAUTHENTICATED", "Token expired.")
+        return None
+
+    async def _json_body(self, request: web.Request) -> dict[str, object] | web.Response:
+        raw = await request.read()
+        try:
+            data = json.loads(raw) if raw.strip() else {}
+        except (ValueError, UnicodeDecodeError) as exc:
+            return self._error(400, "MALFORMED_REQUEST",
+                               f"Invalid JSON given in the body of the request - {exc}")
+        if not isinstance(data, dict):
+            return self._error(400, "MALFORMED_REQUEST",
+                               "Invalid JSON given in the body of the request - expected a map")
+        return data
+
+    # ------------------------------------------------------------------ routes
+
+    def _oauth_error(self, status: int, error: str, description: str) -> web.Response:
+        return web.json_response({"error": error, "error_description": description},
+                                 status=status)
+
+    async def _oidc_token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        client_id = client_secret = None
+        scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "basic" and encoded:
+            try:
+                decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                return self._oauth_error(401, "invalid_client", "Client authentication failed")
+            client_id, _, client_secret = decoded.partition(":")
+        elif "client_id" in form:
+            client_id, client_secret = str(form.get("client_id")), str(
+                form.get("client_secret", ""))
+        if client_id is None or client_secret is None:
+            return self._oauth_error(401, "invalid_client", "Missing client authentication")
+        if not (secrets.compare_digest(client_id, self.client_id)
+                and secrets.compare_digest(client_secret, self._client_secret)):
+            return self._oauth_error(401, "invalid_client", "Client authentication failed")
+        if form.get("grant_type") != "client_credentials":
+            return self._oauth_error(400, "unsupported_grant_type",
+                                     "Only grant_type=client_credentials is supported")
+        scopes = str(form.get("scope", "")).split()
+        if "all-apis" not in scopes:
+            return self._oauth_error(400, "invalid_scope",
+                                     "Requested scope is invalid (use scope=all-apis)")
+        life = self.oauth_lifetime
+        token = _fake_jwt(self.client_id, life)
+        self._oauth_tokens[token] = time.time() + life
+        return web.json_response({"access_token": token, "scope": "all-apis",
+                                  "token_type": "Bearer", "expires_in": _json_number(life)})
+
+    async def _postgres_credentials(self, request: web.Request) -> web.Response:
+        if (err := self._bearer_error(request)) is not None:
+            return err
+        data = await self._json_body(request)
+        if isinstance(data, web.Response):
+            return data
+        endpoint = data.get("endpoint")
+        if not endpoint:
+            return self._error(400, "INVALID_PARAMETER_VALUE", "Field 'endpoint' is required")
+        if not isinstance(endpoint, str):
+            return self._error(400, "INVALID_PARAMETER_VALUE", "Field 'endpoint' must be a string")
+        if endpoint != self.endpoint_name:
+            return self._error(404, "RESOURCE_DOES_NOT_EXIST",
+                               f"Endpoint '{endpoint}' does not exist.")
+        token, expiry = self.issue_credential()
+        return web.json_response({"token": token, "expire_time": rfc3339(expiry)})
+
+    async def _database_credentials(self, request: web.Request) -> web.Response:
+        if (err := self._bearer_error(request)) is not None:
+            return err
+        data = await self._json_body(request)
+        if isinstance(data, web.Response):
+            return data
+        names = data.get("instance_names")
+        if not names and not data.get("claims"):
+            return self._error(400, "INVALID_PARAMETER_VALUE",
+                               "At least one of instance_names or claims must be specified")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return self._error(400, "INVALID_PARAMETER_VALUE",
+                               "Field 'instance_names' must be a list of strings")
+        request_id = data.get("request_id")
+        if request_id is not None:
+            try:
+                uuid.UUID(str(request_id))
+            except ValueError:
+                return self._error(400, "INVALID_PARAMETER_VALUE",
+                                   "Field 'request_id' must be a UUID")
+        for name in names:
+            if name != self.instance_name:
+                return self._error(404, "RESOURCE_DOES_NOT_EXIST",
+                                   f"Database instance '{name}' does not exist.")
+        token, expiry = self.issue_credential()
+        return web.json_response({"token": token, "expiration_time": rfc3339(expiry)})
+
+    async def _get_postgres_resource(self, request: web.Request) -> web.Response:
+        if (err := self._bearer_error(request)) is not None:
+            return err
+        name = request.match_info["name"]
+        if name != self.endpoint_name:
+            return self._error(404, "RESOURCE_DOES_NOT_EXIST", f"'{name}' does not exist.")
+        return web.json_response(self.endpoint_object())
+
+    def endpoint_object(self) -> dict[str, object]:
+        """The Endpoint resource as ``GET /api/2.0/postgres/{name}`` returns it."""
+        state = self.compute_state()
+        current = {"ACTIVE": "ACTIVE", "SUSPENDED": "IDLE", "WAKING": "IDLE"}.get(state, state)
+        endpoint_id = self.endpoint_name.rsplit("/", 1)[-1]
+        status: dict[str, object] = {
+            "endpoint_type": "ENDPOINT_TYPE_READ_WRITE",
+            "current_state": current,
+            "hosts": {"host": self.endpoint_host},
+            "autoscaling_limit_min_cu": 0.5,
+            "autoscaling_limit_max_cu": 2,
+            "suspend_timeout_duration": "300s",
+            "disabled": False,
+            "endpoint_id": endpoint_id,
+        }
+        if state == "WAKING":
+            status["pending_state"] = "ACTIVE"
+        return {
+            "name": self.endpoint_name,
+            "uid": f"ep-{uuid.uuid5(uuid.NAMESPACE_URL, self.endpoint_name).hex[:16]}",
+            "parent": self.endpoint_name.rsplit("/endpoints/", 1)[0],
+            "create_time": rfc3339(math.floor(self._created)),
+            "update_time": rfc3339(math.floor(self._created)),
+            "endpoint_id": endpoint_id,
+            "status": status,
+        }
