@@ -1,0 +1,422 @@
+"""Refresh-ahead cache of the workspace token and the database credential.
+
+Each credential lives in a :class:`_Slot`:
+
+* it is refreshed in the background once half of its lifetime (expiry minus
+  the time the response arrived) has passed, so callers almost never wait;
+* one with less than a tenth of its lifetime left is never handed out;
+* callers arriving while no usable credential is held share ONE in-flight
+  request (single-flight), each waiting no longer than its own deadline;
+* retryable failures are retried with exponential backoff and full jitter,
+  honouring ``Retry-After``, as long as a waiter's deadline or the current
+  credential's expiry leaves room; a final refusal reaches waiters at once.
+
+Metrics hooks are plain callables so this module imports no metrics library:
+``on_request(kind, result)`` once per API request, with ``kind`` one of
+``"oauth"``, ``"database"``, ``"endpoint"`` and ``result`` one of ``"ok"``,
+``"error"`` (retryable) and ``"refused"`` (final); ``on_credential(kind,
+expires_wall)`` whenever a new credential is cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Final, TypeVar
+
+from lakeproxy.auth.backoff import backoff_delays
+from lakeproxy.auth.databricks import HINT_UNREACHABLE, DatabricksApi
+from lakeproxy.auth.provider import Credential
+from lakeproxy.errors import CredentialError
+from lakeproxy.wire import sqlstate
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RequestObserver = Callable[[str, str], None]
+CredentialObserver = Callable[[str, float], None]
+
+KIND_OAUTH: Final = "oauth"
+KIND_DATABASE: Final = "database"
+KIND_ENDPOINT: Final = "endpoint"
+RESULT_OK: Final = "ok"
+RESULT_ERROR: Final = "error"
+RESULT_REFUSED: Final = "refused"
+
+_DESCRIPTION: Final = {
+    KIND_OAUTH: "workspace OAuth token",
+    KIND_DATABASE: "database credential",
+    KIND_ENDPOINT: "endpoint host",
+}
+
+
+class CredentialUnavailable(CredentialError):
+    """No credential before the deadline: the API kept failing or did not answer.
+
+    SQLSTATE 08006; ``last_error`` is the last failure seen (None if the only
+    attempt was still running).
+    """
+
+    last_error: CredentialError | None
+
+    def __init__(self, kind: str, last_error: CredentialError | None) -> None:
+        while isinstance(last_error, CredentialUnavailable):
+            last_error = last_error.last_error
+        what = _DESCRIPTION.get(kind, kind)
+        if last_error is None:
+            message = f"no {what} before the deadline: the Databricks API did not answer"
+        else:
+            message = f"no {what} before the deadline; last error: {last_error}"
+        super().__init__(
+            message,
+            retryable=True,
+            status=last_error.status if last_error else None,
+            error_code=last_error.error_code if last_error else None,
+            hint=(last_error.hint if last_error else None) or HINT_UNREACHABLE,
+            sqlstate=sqlstate.CONNECTION_FAILURE,
+        )
+        self.last_error = last_error
+
+
+def _closed_error() -> CredentialError:
+    return CredentialError(
+        "the credential provider is closed", retryable=False,
+        sqlstate=sqlstate.ADMIN_SHUTDOWN,
+    )
+
+
+def _safe_call(hook: Callable[[str, T], None] | None, kind: str, value: T) -> None:
+    """Call a metrics hook; a broken hook is logged, never breaks a login."""
+    if hook is None:
+        return
+    try:
+        hook(kind, value)
+    except Exception:
+        log.exception("credential metrics hook failed")
+
+
+class _Slot:
+    """One cached credential with refresh-ahead and single-flight fetching.
+
+    ``fetch(deadline)`` mints a credential or raises CredentialError; it is
+    never run twice at once.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        fetch: Callable[[float], Awaitable[Credential]],
+        *,
+        request_timeout: float,
+        backoff: Callable[[], Iterator[float]],
+        on_credential: CredentialObserver | None,
+    ) -> None:
+        self.kind = kind
+        self.current: Credential | None = None
+        self.last_error: CredentialError | None = None
+        self.last_ok: bool | None = None
+        self._fetch = fetch
+        self._request_timeout = request_timeout
+        self._backoff = backoff
+        self._on_credential = on_credential
+        self._task: asyncio.Task[Credential] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadlines: list[float] = []  # of callers waiting on _task
+        self._closed = False
+
+    async def get(self, deadline: float) -> Credential:
+        """A usable credential; see CredentialProvider.get for the contract."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._closed:
+                raise _closed_error()
+            now = loop.time()
+            cur = self.current
+            if cur is not None and cur.usable(now):
+                if now >= cur.refresh_at():
+                    self._start()  # e.g. the timer was late; never waits
+                return cur
+            if now >= deadline:
+                raise CredentialUnavailable(self.kind, self.last_error)
+            task = self._start()
+            self._deadlines.append(deadline)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    cred = await asyncio.shield(task)
+            except CredentialUnavailable:
+                raise
+            except CredentialError as err:
+                if err.retryable:
+                    raise CredentialUnavailable(self.kind, err) from None
+                raise
+            except TimeoutError:
+                raise CredentialUnavailable(self.kind, self.last_error) from None
+            finally:
+                self._deadlines.remove(deadline)
+            if cred.usable(loop.time()):
+                return cred
+
+    def invalidate(self, cred: Credential) -> None:
+        """Forget ``cred`` if it is the one held."""
+        if self.current is not None and self.current.token == cred.token:
+            log.info("%s was refused; dropping it", _DESCRIPTION[self.kind])
+            self.current = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+    async def close(self) -> None:
+        """Cancel the timer and any in-flight request; waiters get a CredentialError."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(CredentialError, asyncio.CancelledError):
+                await task
+
+    # -------------------------------------------------------------- internals
+
+    def _start(self) -> asyncio.Task[Credential]:
+        """The in-flight refresh, started if none is running."""
+        if self._task is None or self._task.done():
+            task = asyncio.get_running_loop().create_task(
+                self._refresh(), name=f"lakeproxy-credential-{self.kind}"
+            )
+            task.add_done_callback(_retrieve)
+            self._task = task
+        return self._task
+
+    def _horizon(self) -> float:
+        """How long retrying is worth it: a waiter's deadline or the current expiry."""
+        horizon = max(self._deadlines, default=-math.inf)
+        if self.current is not None:
+            horizon = max(horizon, self.current.expires_at)
+        return horizon
+
+    async def _refresh(self) -> Credential:
+        loop = asyncio.get_running_loop()
+        delays = self._backoff()
+        what = _DESCRIPTION[self.kind]
+        try:
+            while True:
+                now = loop.time()
+                attempt_deadline = min(self._horizon(), now + self._request_timeout)
+                try:
+                    cred = await self._fetch(attempt_deadline)
+                except CredentialError as err:
+                    self.last_error = err
+                    self.last_ok = False
+                    background = not self._deadlines
+                    if not err.retryable and not background:
+                        raise
+                    delay = next(delays)
+                    if err.retry_after is not None:
+                        delay = max(delay, err.retry_after)
+                    if loop.time() + delay >= self._horizon():
+                        raise
+                    log.log(
+                        logging.WARNING if background else logging.INFO,
+                        "%s request failed (retrying in %.2fs): %s", what, delay, err,
+                    )
+                    await asyncio.sleep(delay)
+                    continue
+                self._store(cred)
+                return cred
+        except asyncio.CancelledError:
+            if self._closed:
+                raise _closed_error() from None
+            raise
+
+    def _store(self, cred: Credential) -> None:
+        self.current = cred
+        self.last_error = None
+        self.last_ok = True
+        if math.isfinite(cred.expires_wall):
+            log.debug(
+                "new %s, valid for %.0fs", _DESCRIPTION[self.kind], cred.expires_wall - time.time()
+            )
+            _safe_call(self._on_credential, self.kind, cred.expires_wall)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        refresh_at = cred.refresh_at()
+        if math.isfinite(refresh_at):
+            self._timer = asyncio.get_running_loop().call_at(refresh_at, self._on_timer, cred)
+
+    def _on_timer(self, cred: Credential) -> None:
+        self._timer = None
+        if not self._closed and self.current is cred:
+            self._start()
+
+
+def _retrieve(task: asyncio.Task[Credential]) -> None:
+    """Mark a refresh's exception as retrieved (waiters, if any, also get it)."""
+    if not task.cancelled():
+        task.exception()
+
+
+class CachedCredentials:
+    """A :class:`~lakeproxy.auth.provider.CredentialProvider` over :class:`DatabricksApi`.
+
+    Caches both the workspace OAuth token (step 1) and the database credential
+    (step 2), each refreshed ahead of expiry. A 401 on step 2 (or on the
+    endpoint lookup) refreshes the step-1 token once and retries. Takes
+    ownership of ``api``: :meth:`close` closes it.
+    """
+
+    def __init__(
+        self,
+        api: DatabricksApi,
+        *,
+        on_request: RequestObserver | None = None,
+        on_credential: CredentialObserver | None = None,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 5.0,
+    ) -> None:
+        self._api = api
+        self._on_request = on_request
+
+        def backoff() -> Iterator[float]:
+            return backoff_delays(backoff_initial, backoff_max)
+
+        self._backoff = backoff
+        self._oauth = _Slot(
+            KIND_OAUTH, self._fetch_oauth, request_timeout=api.request_timeout,
+            backoff=backoff, on_credential=on_credential,
+        )
+        self._database = _Slot(
+            KIND_DATABASE, self._fetch_database, request_timeout=api.request_timeout,
+            backoff=backoff, on_credential=on_credential,
+        )
+        self._hosts: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"CachedCredentials({self._api!r})"
+
+    async def get(self, *, deadline: float) -> Credential:
+        """A usable database credential; see CredentialProvider.get.
+
+        Raises CredentialError: 28000 when refused, 08006
+        (:class:`CredentialUnavailable`) when none arrived before ``deadline``.
+        """
+        return await self._database.get(deadline)
+
+    async def workspace_token(self, *, deadline: float) -> Credential:
+        """A usable step-1 token (the static token when one is configured).
+
+        Raises CredentialError as :meth:`get` does.
+        """
+        return await self._oauth.get(deadline)
+
+    def invalidate(self, cred: Credential) -> None:
+        """The endpoint refused ``cred``: the next get() returns a newer credential."""
+        self._database.invalidate(cred)
+
+    def ready(self) -> bool:
+        """True if a usable database credential is held or the last request succeeded."""
+        cur = self._database.current
+        if cur is not None and cur.usable(_now()):
+            return True
+        return self._database.last_ok is True
+
+    async def endpoint_host(
+        self, endpoint_name: str | None = None, *, deadline: float
+    ) -> str:
+        """The endpoint's Postgres host name (looked up once, then remembered).
+
+        ``endpoint_name`` defaults to the configured ENDPOINT_NAME. Retries like
+        :meth:`get`; raises CredentialError (08006 :class:`CredentialUnavailable`
+        when the API kept failing until ``deadline``).
+        """
+        name = endpoint_name or self._api.endpoint_name or ""
+        if name in self._hosts:
+            return self._hosts[name]
+        loop = asyncio.get_running_loop()
+        delays = self._backoff()
+        while True:
+            try:
+                host = await self._authorized(
+                    KIND_ENDPOINT,
+                    lambda bearer, d: self._api.endpoint_host(bearer, name or None, deadline=d),
+                    deadline,
+                )
+            except CredentialError as err:
+                if not err.retryable:
+                    raise
+                delay = next(delays)
+                if err.retry_after is not None:
+                    delay = max(delay, err.retry_after)
+                if loop.time() + delay >= deadline:
+                    raise CredentialUnavailable(KIND_ENDPOINT, err) from None
+                log.info("endpoint host lookup failed (retrying in %.2fs): %s", delay, err)
+                await asyncio.sleep(delay)
+                continue
+            self._hosts[name] = host
+            return host
+
+    async def close(self) -> None:
+        """Stop background refreshes and close the HTTP session."""
+        await self._database.close()
+        await self._oauth.close()
+        await self._api.close()
+
+    # -------------------------------------------------------------- internals
+
+    async def _observed(self, kind: str, call: Awaitable[T]) -> T:
+        """Await one API request, reporting its result to ``on_request``."""
+        try:
+            result = await call
+        except CredentialError as err:
+            _safe_call(self._on_request, kind, RESULT_ERROR if err.retryable else RESULT_REFUSED)
+            raise
+        _safe_call(self._on_request, kind, RESULT_OK)
+        return result
+
+    async def _fetch_oauth(self, deadline: float) -> Credential:
+        if self._api.static_token:
+            return await self._api.oauth_token(deadline=deadline)
+        return await self._observed(KIND_OAUTH, self._api.oauth_token(deadline=deadline))
+
+    async def _fetch_database(self, deadline: float) -> Credential:
+        return await self._authorized(
+            KIND_DATABASE,
+            lambda bearer, d: self._api.database_credential(bearer, deadline=d),
+            deadline,
+        )
+
+    async def _authorized(
+        self, kind: str, call: Callable[[str, float], Awaitable[T]], deadline: float
+    ) -> T:
+        """Run ``call(bearer, deadline)`` with the step-1 token.
+
+        A 401 refreshes the token once (unless it is a static token) and retries.
+        """
+        bearer = await self._oauth.get(deadline)
+        try:
+            return await self._observed(kind, call(bearer.token, deadline))
+        except CredentialError as err:
+            if err.status != 401 or self._api.static_token:
+                raise
+            log.info(
+                "workspace token refused by the %s API (HTTP 401); refreshing it once",
+                _DESCRIPTION[kind],
+            )
+        self._oauth.invalidate(bearer)
+        bearer = await self._oauth.get(deadline)
+        return await self._observed(kind, call(bearer.token, deadline))
+
+
+def _now() -> float:
+    """``loop.time()`` of the running loop (both asyncio and uvloop use the monotonic clock)."""
+    try:
+        return asyncio.get_running_loop().time()
+    except RuntimeError:
+        return time.monotonic()
