@@ -69,7 +69,7 @@ class CredentialUnavailable(CredentialError):
             last_error = last_error.last_error
         what = _DESCRIPTION.get(kind, kind)
         if last_error is None:
-            message = f"no {what} before the deadline: the Databricks API did not answer"
+            message = f"no {what} before the deadline: the Databricks API did not answer in time"
         else:
             message = f"no {what} before the deadline; last error: {last_error}"
         super().__init__(
@@ -115,8 +115,10 @@ class _Slot:
         request_timeout: float,
         backoff: Callable[[], Iterator[float]],
         on_credential: CredentialObserver | None,
+        depends_on: _Slot | None = None,
     ) -> None:
         self.kind = kind
+        self.depends_on = depends_on
         self.current: Credential | None = None
         self.last_error: CredentialError | None = None
         self.last_ok: bool | None = None
@@ -142,7 +144,7 @@ class _Slot:
                     self._start()  # e.g. the timer was late; never waits
                 return cur
             if now >= deadline:
-                raise CredentialUnavailable(self.kind, self.last_error)
+                raise CredentialUnavailable(self.kind, self._latest_error())
             task = self._start()
             self._deadlines.append(deadline)
             try:
@@ -155,7 +157,7 @@ class _Slot:
                     raise CredentialUnavailable(self.kind, err) from None
                 raise
             except TimeoutError:
-                raise CredentialUnavailable(self.kind, self.last_error) from None
+                raise CredentialUnavailable(self.kind, self._latest_error()) from None
             finally:
                 self._deadlines.remove(deadline)
             if cred.usable(loop.time()):
@@ -194,6 +196,12 @@ class _Slot:
             self._task = task
         return self._task
 
+    def _latest_error(self) -> CredentialError | None:
+        """Our last failure, else that of the slot whose credential ours needs."""
+        if self.last_error is None and self.depends_on is not None:
+            return self.depends_on._latest_error()
+        return self.last_error
+
     def _horizon(self) -> float:
         """How long retrying is worth it: a waiter's deadline or the current expiry."""
         horizon = max(self._deadlines, default=-math.inf)
@@ -207,10 +215,11 @@ class _Slot:
         what = _DESCRIPTION[self.kind]
         try:
             while True:
-                now = loop.time()
-                attempt_deadline = min(self._horizon(), now + self._request_timeout)
+                # Not bounded by the horizon: a waiter joining later (with a
+                # later deadline) must not see a nearly done request cut off.
+                # Each waiter leaves at its own deadline anyway.
                 try:
-                    cred = await self._fetch(attempt_deadline)
+                    cred = await self._fetch(loop.time() + self._request_timeout)
                 except CredentialError as err:
                     self.last_error = err
                     self.last_ok = False
@@ -294,7 +303,7 @@ class CachedCredentials:
         )
         self._database = _Slot(
             KIND_DATABASE, self._fetch_database, request_timeout=api.request_timeout,
-            backoff=backoff, on_credential=on_credential,
+            backoff=backoff, on_credential=on_credential, depends_on=self._oauth,
         )
         self._hosts: dict[str, str] = {}
 

@@ -17,6 +17,7 @@ error codes, never a token or a secret.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime
 import ipaddress
 import json
@@ -68,6 +69,7 @@ HINT_PERMISSION: Final = (
     "grant the service principal permission on the Lakebase project or instance"
 )
 HINT_UNREACHABLE: Final = "check that DATABRICKS_HOST is right and reachable"
+HINT_HOST_API: Final = "check DATABRICKS_HOST: it should be the workspace URL"
 
 _MESSAGE_LIMIT: Final = 300
 _RFC3339_RE: Final = re.compile(
@@ -157,7 +159,9 @@ def hint_for(
         return HINT_WORKSPACE_ACCESS
     if "role" in text and ("does not exist" in text or "not found" in text):
         return HINT_ROLE
-    if "invalid parameter value" in text or "'endpoint'" in text or "endpoint" in text.split():
+    if error_code == "ENDPOINT_NOT_FOUND":  # the gateway knows no such API path
+        return HINT_HOST_API
+    if "invalid parameter value" in text or "'endpoint'" in text or "'instance" in text:
         return target_hint
     if status == 404 or "does not exist" in text or "not found" in text:
         return HINT_ENDPOINT if step == "endpoint" else target_hint
@@ -340,7 +344,7 @@ class DatabricksApi:
         body = await self._request(
             what, "POST", OIDC_TOKEN_PATH, step="oauth", deadline=deadline,
             data={"grant_type": "client_credentials", "scope": "all-apis"},
-            auth=aiohttp.BasicAuth(client_id, client_secret),
+            basic=(client_id, client_secret),
         )
         token = _str_field(body, "access_token", what)
         expires_in = body.get("expires_in")
@@ -439,7 +443,7 @@ class DatabricksApi:
         step: str,
         deadline: float,
         bearer: str | None = None,
-        auth: aiohttp.BasicAuth | None = None,
+        basic: tuple[str, str] | None = None,
         data: dict[str, str] | None = None,
         json_body: JsonObject | None = None,
     ) -> JsonObject:
@@ -457,9 +461,12 @@ class DatabricksApi:
         headers = {"Accept": "application/json"}
         if bearer is not None:
             headers["Authorization"] = f"Bearer {bearer}"
+        elif basic is not None:
+            pair = base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode("ascii")
+            headers["Authorization"] = f"Basic {pair}"
         try:
             async with self._get_session().request(
-                method, self.host + path, headers=headers, auth=auth, data=data,
+                method, self.host + path, headers=headers, data=data,
                 json=json_body, timeout=aiohttp.ClientTimeout(total=timeout),
                 allow_redirects=False, proxy=self._proxy,
             ) as resp:
