@@ -404,6 +404,7 @@ class _Loader:
         self.file_path: Path | None = None
         self.file_label = ""
         self.doc: dict[str, object] = {}
+        self.any_auth = True  # set by databricks()
 
     # -- problems --------------------------------------------------------
 
@@ -642,6 +643,8 @@ class _Loader:
                 "environment, in [databricks] host, or in a ~/.databrickscfg profile)"
             )
         id_raw, secret_raw, token_raw = vals["client_id"], vals["client_secret"], vals["token"]
+        # With no auth at all, "PGUSER required" would only repeat the auth problem.
+        self.any_auth = any(v is not None for v in (id_raw, secret_raw, token_raw))
         if secret_raw is not None and token_raw is not None:
             self.problems.append(
                 f"{token_raw.origin} and {secret_raw.origin}: both a token and a client secret "
@@ -910,7 +913,7 @@ class _Loader:
         database = self.parse(src("database", "PGDATABASE"), _text, DEFAULT_DATABASE)
         user_raw = self.pick(src("user", "PGUSER"), default_user)
         user = self.parse_opt(user_raw, _text)
-        if user_raw is None:
+        if user_raw is None and self.any_auth:
             self.missing(
                 (f"{where} user ({self.file_label})" if not use_env else "PGUSER")
                 + ": required when DATABRICKS_CLIENT_ID is unset (the Postgres role to log in as)"
