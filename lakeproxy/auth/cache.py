@@ -48,6 +48,10 @@ RESULT_OK: Final = "ok"
 RESULT_ERROR: Final = "error"
 RESULT_REFUSED: Final = "refused"
 
+#: A background refresh that was refused (e.g. the secret was revoked) is
+#: retried this often while the current credential lasts.
+_REFUSED_RETRY_DELAY: Final = 10.0
+
 _DESCRIPTION: Final = {
     KIND_OAUTH: "workspace OAuth token",
     KIND_DATABASE: "database credential",
@@ -229,6 +233,8 @@ class _Slot:
                     delay = next(delays)
                     if err.retry_after is not None:
                         delay = max(delay, err.retry_after)
+                    if not err.retryable:  # a refusal, in the background: ask less often
+                        delay = max(delay, _REFUSED_RETRY_DELAY)
                     if loop.time() + delay >= self._horizon():
                         raise
                     log.log(

@@ -69,6 +69,10 @@ HINT_PERMISSION: Final = (
     "grant the service principal permission on the Lakebase project or instance"
 )
 HINT_UNREACHABLE: Final = "check that DATABRICKS_HOST is right and reachable"
+HINT_WRONG_WORKSPACE: Final = (
+    "the workspace refused a fresh OAuth token: check that DATABRICKS_HOST is the "
+    "workspace of this service principal"
+)
 HINT_HOST_API: Final = "check DATABRICKS_HOST: it should be the workspace URL"
 
 _MESSAGE_LIMIT: Final = 300
@@ -165,8 +169,10 @@ def hint_for(
         return target_hint
     if status == 404 or "does not exist" in text or "not found" in text:
         return HINT_ENDPOINT if step == "endpoint" else target_hint
-    if status == 401 or (step == "oauth" and status in (400, 403)):
-        return HINT_PAT if static_token and step != "oauth" else HINT_CLIENT
+    if step == "oauth" and status in (400, 401, 403):
+        return HINT_CLIENT
+    if status == 401:
+        return HINT_PAT if static_token else HINT_WRONG_WORKSPACE
     if status == 403:
         return HINT_PAT if static_token else HINT_PERMISSION
     return None
@@ -194,7 +200,14 @@ def _clip(text: str) -> str:
 
 
 def _malformed(what: str, detail: str) -> CredentialError:
-    return CredentialError(f"{what}: malformed response: {detail}", retryable=True)
+    return _retryable(f"{what}: malformed response: {detail}")
+
+
+def _retryable(message: str, *, hint: str | None = None) -> CredentialError:
+    """A failure worth retrying; if retries run out the client sees 08006."""
+    return CredentialError(
+        message, retryable=True, hint=hint, sqlstate=sqlstate.CONNECTION_FAILURE
+    )
 
 
 def _str_field(obj: Mapping[str, object], name: str, what: str) -> str:
@@ -457,7 +470,7 @@ class DatabricksApi:
         started = loop.time()
         timeout = min(self.request_timeout, deadline - started)
         if timeout <= 0:
-            raise CredentialError(f"{what}: no time left before the deadline", retryable=True)
+            raise _retryable(f"{what}: no time left before the deadline")
         headers = {"Accept": "application/json"}
         if bearer is not None:
             headers["Authorization"] = f"Bearer {bearer}"
@@ -475,13 +488,13 @@ class DatabricksApi:
                 body = await resp.read()
         except TimeoutError:
             log.info("%s %s: timed out after %.1fs", method, path, timeout)
-            raise CredentialError(
-                f"{what}: timed out after {timeout:.1f}s", retryable=True, hint=HINT_UNREACHABLE
+            raise _retryable(
+                f"{what}: timed out after {timeout:.1f}s", hint=HINT_UNREACHABLE
             ) from None
         except aiohttp.ClientError as exc:
             log.info("%s %s: %s", method, path, type(exc).__name__)
-            raise CredentialError(
-                f"{what}: {type(exc).__name__}: {exc}", retryable=True, hint=HINT_UNREACHABLE
+            raise _retryable(
+                f"{what}: {type(exc).__name__}: {exc}", hint=HINT_UNREACHABLE
             ) from None
         log.debug("%s %s -> %d (%.3fs)", method, path, status, loop.time() - started)
 

@@ -238,6 +238,24 @@ async def test_failed_background_refresh_keeps_serving(
     assert provider.ready()
 
 
+async def test_refused_background_refresh_keeps_serving(
+    ws: FakeWorkspace, make: Factory
+) -> None:
+    ws.credential_lifetime = 2.0
+    provider = make()
+    first = await provider.get(deadline=now() + 5)
+    ws.inject(CREDS, status=403)
+    await eventually(lambda: ws.calls[CREDS] == 2)  # the refresh at half-life, refused
+    await asyncio.sleep(0.05)
+    cred, took = await timed(provider.get(deadline=now() + 5))
+    assert cred is first  # a refusal in the background does not disturb callers
+    assert took < 0.05
+    assert provider.ready()
+    await eventually(lambda: ws.calls[CREDS] == 3)  # that get() asked again
+    await asyncio.sleep(0.05)
+    assert (await provider.get(deadline=now() + 5)).newer_than(first)
+
+
 async def test_invalidate_mints_a_newer_credential(ws: FakeWorkspace, make: Factory) -> None:
     provider = make()
     first = await provider.get(deadline=now() + 5)
@@ -329,6 +347,7 @@ async def test_401_twice_on_step_2_is_final(ws: FakeWorkspace, make: Factory) ->
         await provider.get(deadline=now() + 5)
     assert info.value.sqlstate == "28000"
     assert info.value.status == 401
+    assert info.value.hint == dbx.HINT_WRONG_WORKSPACE
     assert ws.calls[OIDC] == 2
     assert ws.calls[CREDS] == 2
 
