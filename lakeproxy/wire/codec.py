@@ -20,7 +20,14 @@ construct ``Container`` and ``ConstructError`` never leave this package.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Final, assert_never
+
+from lakeproxy.wire import limits
+from lakeproxy.wire import messages as m
+from lakeproxy.wire import sqlstate as S
+from lakeproxy.wire.errors import ProtocolError
 
 # --------------------------------------------------------------------------
 # Frontend (client -> server), untagged startup packets
@@ -80,7 +87,7 @@ class SASLResponse:
 class PasswordKind(enum.Enum):
     """What the server asked for, which fixes how a 'p' frame is read."""
 
-    PASSWORD = "password"  # after AuthenticationCleartextPassword / MD5Password
+    PASSWORD = "password"  # noqa: S105  # after AuthenticationCleartextPassword / MD5
     SASL_INITIAL = "sasl_initial"  # after AuthenticationSASL
     SASL_RESPONSE = "sasl_response"  # after AuthenticationSASLContinue
 
@@ -215,22 +222,296 @@ def error_response(
     return ErrorResponse(tuple(fields))
 
 
+# --------------------------------------------------------------------------
+# Encoding
+
+_U32_MAX: Final = 0xFFFF_FFFF
+_MIN_KEY: Final = 4
+_READY_STATUSES: Final = frozenset({"I", "T", "E"})
+
+
+def _check_text(what: str, value: str) -> None:
+    if "\x00" in value:
+        raise ValueError(f"{what} contains a NUL byte")
+
+
+def _check_u32(what: str, value: int) -> None:
+    if not 0 <= value <= _U32_MAX:
+        raise ValueError(f"{what} is out of range for an unsigned Int32")
+
+
+def _check_key(what: str, key: bytes) -> None:
+    if not _MIN_KEY <= len(key) <= limits.MAX_CANCEL_KEY:
+        raise ValueError(f"{what} must be {_MIN_KEY} to {limits.MAX_CANCEL_KEY} bytes long")
+
+
+def _check_fields(fields: Iterable[tuple[str, str]]) -> list[tuple[int, str]]:
+    out: list[tuple[int, str]] = []
+    for code, value in fields:
+        if len(code) != 1 or not "\x01" <= code <= "\x7f":
+            raise ValueError("a field code must be one ASCII character other than NUL")
+        _check_text("a field value", value)
+        out.append((ord(code), value))
+    return out
+
+
+def _encode_startup(msg: StartupMessage) -> bytes:
+    if not (0 <= msg.major <= 0xFFFF and 0 <= msg.minor <= 0xFFFF):
+        raise ValueError("protocol version numbers must fit in 16 bits")
+    if msg.major == limits.SSL_REQUEST_CODE >> 16:
+        raise ValueError(f"protocol major version {msg.major} is reserved for request codes")
+    for name, value in msg.params.items():
+        if not name:
+            raise ValueError("a startup parameter name must not be empty")
+        _check_text("a startup parameter name", name)
+        _check_text(f"startup parameter {name!r}", value)
+    data = m.STARTUP_MESSAGE.build(((msg.major << 16) | msg.minor, list(msg.params.items())))
+    if len(data) > limits.MAX_STARTUP_PACKET:
+        raise ValueError(
+            f"startup packet would be {len(data)} bytes, over the "
+            f"{limits.MAX_STARTUP_PACKET}-byte limit"
+        )
+    return data
+
+
 def encode(msg: Message) -> bytes:
-    """Serialise any message. Raises ValueError on a value the wire cannot carry
-    (NUL inside a string, key longer than 256 bytes, ...)."""
-    raise NotImplementedError
+    """Serialise any message as one complete frame.
+
+    Returns:
+        The frame's bytes, length (and tag byte, if any) included.
+
+    Raises:
+        ValueError: on a value the wire cannot carry (NUL inside a string, an
+            empty startup parameter name, a key outside 4..256 bytes, an integer
+            out of range, a startup packet over 10000 bytes, ...). The message
+            never quotes a secret.
+    """
+    match msg:
+        case SSLRequest():
+            return m.SSL_REQUEST.build(None)
+        case GSSENCRequest():
+            return m.GSSENC_REQUEST.build(None)
+        case CancelRequest(process_id=pid, secret=key):
+            _check_u32("process_id", pid)
+            _check_key("CancelRequest secret", key)
+            return m.CANCEL_REQUEST.build((pid, key))
+        case StartupMessage():
+            return _encode_startup(msg)
+        case PasswordMessage(password=password):
+            if b"\x00" in password:
+                raise ValueError("password contains a NUL byte")
+            return m.PASSWORD_MESSAGE.build(password)
+        case SASLInitialResponse(mechanism=mechanism, data=data):
+            _check_text("SASL mechanism", mechanism)
+            return m.SASL_INITIAL_RESPONSE.build((mechanism, data))
+        case SASLResponse(data=data):
+            return m.SASL_RESPONSE.build(data)
+        case AuthenticationOk():
+            return m.AUTH_OK.build(None)
+        case AuthenticationCleartextPassword():
+            return m.AUTH_CLEARTEXT_PASSWORD.build(None)
+        case AuthenticationMD5Password(salt=salt):
+            if len(salt) != 4:
+                raise ValueError("MD5 salt must be exactly 4 bytes")
+            return m.AUTH_MD5_PASSWORD.build(salt)
+        case AuthenticationSASL(mechanisms=mechanisms):
+            for mech in mechanisms:
+                if not mech:
+                    raise ValueError("a SASL mechanism name must not be empty")
+                _check_text("SASL mechanism", mech)
+            return m.AUTH_SASL.build(list(mechanisms))
+        case AuthenticationSASLContinue(data=data):
+            return m.AUTH_SASL_CONTINUE.build(data)
+        case AuthenticationSASLFinal(data=data):
+            return m.AUTH_SASL_FINAL.build(data)
+        case ParameterStatus(name=name, value=value):
+            _check_text("parameter name", name)
+            _check_text(f"parameter {name!r}", value)
+            return m.PARAMETER_STATUS.build((name, value))
+        case BackendKeyData(process_id=pid, secret=key):
+            _check_u32("process_id", pid)
+            _check_key("BackendKeyData secret", key)
+            return m.BACKEND_KEY_DATA.build((pid, key))
+        case ReadyForQuery(status=status):
+            if status not in _READY_STATUSES:
+                raise ValueError("ReadyForQuery status must be 'I', 'T' or 'E'")
+            return m.READY_FOR_QUERY.build(status.encode("ascii"))
+        case NegotiateProtocolVersion(newest_minor=newest, unrecognized=options):
+            _check_u32("newest_minor", newest)
+            for option in options:
+                _check_text("protocol option name", option)
+            return m.NEGOTIATE_PROTOCOL_VERSION.build((newest, list(options)))
+        case ErrorResponse(fields=fields):
+            return m.ERROR_RESPONSE.build(_check_fields(fields))
+        case NoticeResponse(fields=fields):
+            return m.NOTICE_RESPONSE.build(_check_fields(fields))
+        case OtherMessage(tag=tag, body=body):
+            if len(tag) != 1:
+                raise ValueError("a message tag is exactly one byte")
+            return m.ANY_TAGGED.build((tag, body))
+        case _:
+            assert_never(msg)
+
+
+# --------------------------------------------------------------------------
+# Decoding
+
+
+def _startup_params(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    params: dict[str, str] = {}
+    for name, value in pairs:
+        if name in params:
+            raise ProtocolError(f"duplicate startup parameter {name!r}")
+        params[name] = value
+    return params
 
 
 def decode_startup(frame: bytes) -> StartupPacket:
-    """Decode one complete untagged packet (its 4-byte length included)."""
-    raise NotImplementedError
+    """Decode one complete untagged packet (its 4-byte length included).
+
+    Returns:
+        SSLRequest, GSSENCRequest, CancelRequest or StartupMessage (protocol 3.x,
+        any minor version: negotiating it down is the handshake's job).
+
+    Raises:
+        ProtocolError: 08P01 for a malformed packet, a length field that does not
+            match the frame, a packet over 10000 bytes, protocol 2.x or any other
+            unsupported major version, an unknown request code, a cancel key
+            outside 4..256 bytes, a duplicate parameter or invalid UTF-8;
+            28000 when the StartupMessage names no ``user``.
+    """
+    if len(frame) < 8:
+        raise ProtocolError("invalid length of startup packet")
+    length = int.from_bytes(frame[:4], "big")
+    if length > limits.MAX_STARTUP_PACKET:
+        raise ProtocolError(
+            f"startup packet of {length} bytes exceeds the {limits.MAX_STARTUP_PACKET}-byte limit"
+        )
+    if length != len(frame):
+        raise ProtocolError("invalid length of startup packet")
+    code = int.from_bytes(frame[4:8], "big")
+    if code == limits.SSL_REQUEST_CODE:
+        m.SSL_REQUEST.parse(frame)
+        return SSLRequest()
+    if code == limits.GSSENC_REQUEST_CODE:
+        m.GSSENC_REQUEST.parse(frame)
+        return GSSENCRequest()
+    if code == limits.CANCEL_REQUEST_CODE:
+        pid, key = m.CANCEL_REQUEST.parse(frame)
+        if not _MIN_KEY <= len(key) <= limits.MAX_CANCEL_KEY:
+            raise ProtocolError("invalid length of cancel request key")
+        return CancelRequest(pid, key)
+    major, minor = code >> 16, code & 0xFFFF
+    if major == limits.SSL_REQUEST_CODE >> 16:
+        raise ProtocolError(f"unsupported request code {major}.{minor}")
+    if major != limits.PROTOCOL_3_0 >> 16:
+        raise ProtocolError(
+            f"unsupported frontend protocol {major}.{minor}: server supports 3.0 to 3.2"
+        )
+    _, pairs = m.STARTUP_MESSAGE.parse(frame)
+    params = _startup_params(pairs)
+    if not params.get("user"):
+        raise ProtocolError(
+            "no PostgreSQL user name specified in startup packet",
+            S.INVALID_AUTHORIZATION_SPECIFICATION,
+        )
+    return StartupMessage(major, minor, params)
+
+
+def _fields(pairs: list[tuple[int, str]]) -> tuple[tuple[str, str], ...]:
+    if any(code > 0x7F for code, _ in pairs):
+        raise ProtocolError("non-ASCII field code in error or notice message")
+    return tuple((chr(code), value) for code, value in pairs)
+
+
+def _decode_authentication(frame: bytes) -> BackendMessage:
+    if len(frame) < 9:
+        raise ProtocolError("malformed Authentication message")
+    code = int.from_bytes(frame[5:9], "big")
+    if code == limits.AUTH_OK:
+        m.AUTH_OK.parse(frame)
+        return AuthenticationOk()
+    if code == limits.AUTH_CLEARTEXT_PASSWORD:
+        m.AUTH_CLEARTEXT_PASSWORD.parse(frame)
+        return AuthenticationCleartextPassword()
+    if code == limits.AUTH_MD5_PASSWORD:
+        return AuthenticationMD5Password(m.AUTH_MD5_PASSWORD.parse(frame))
+    if code == limits.AUTH_SASL:
+        return AuthenticationSASL(tuple(m.AUTH_SASL.parse(frame)))
+    if code == limits.AUTH_SASL_CONTINUE:
+        return AuthenticationSASLContinue(m.AUTH_SASL_CONTINUE.parse(frame))
+    if code == limits.AUTH_SASL_FINAL:
+        return AuthenticationSASLFinal(m.AUTH_SASL_FINAL.parse(frame))
+    # GSS, SSPI, Kerberos, ...: well framed, but not ours to interpret.
+    return OtherMessage(b"R", frame[5:])
+
+
+def _check_tagged_length(frame: bytes) -> None:
+    if len(frame) < 5:
+        raise ProtocolError("incomplete message")
+    if int.from_bytes(frame[1:5], "big") != len(frame) - 1:
+        raise ProtocolError("message length does not match the frame")
 
 
 def decode_backend(frame: bytes) -> BackendMessage:
-    """Decode one complete tagged backend frame (tag + length + body)."""
-    raise NotImplementedError
+    """Decode one complete tagged backend frame (tag + length + body).
+
+    Returns:
+        The message; ``OtherMessage(tag, body)`` for a tag (or an Authentication
+        request code, e.g. GSS = 7) this codec does not interpret.
+
+    Raises:
+        ProtocolError: 08P01 when the frame is malformed, its length field does
+            not match, a BackendKeyData secret is outside 4..256 bytes, a
+            ReadyForQuery status is not I/T/E, or a string is not UTF-8.
+    """
+    _check_tagged_length(frame)
+    tag = frame[:1]
+    if tag == b"R":
+        return _decode_authentication(frame)
+    if tag == b"S":
+        return ParameterStatus(*m.PARAMETER_STATUS.parse(frame))
+    if tag == b"K":
+        pid, key = m.BACKEND_KEY_DATA.parse(frame)
+        if not _MIN_KEY <= len(key) <= limits.MAX_CANCEL_KEY:
+            raise ProtocolError("invalid length of BackendKeyData secret key")
+        return BackendKeyData(pid, key)
+    if tag == b"Z":
+        status = m.READY_FOR_QUERY.parse(frame).decode("latin1")
+        if status not in _READY_STATUSES:
+            raise ProtocolError("invalid ReadyForQuery status")
+        return ReadyForQuery(status)
+    if tag == b"E":
+        return ErrorResponse(_fields(m.ERROR_RESPONSE.parse(frame)))
+    if tag == b"N":
+        return NoticeResponse(_fields(m.NOTICE_RESPONSE.parse(frame)))
+    if tag == b"v":
+        newest, options = m.NEGOTIATE_PROTOCOL_VERSION.parse(frame)
+        return NegotiateProtocolVersion(newest, tuple(options))
+    tag, body = m.ANY_TAGGED.parse(frame)
+    return OtherMessage(tag, body)
 
 
 def decode_password(frame: bytes, expect: PasswordKind) -> FrontendAuthMessage:
-    """Decode one complete 'p' frame according to what the server asked."""
-    raise NotImplementedError
+    """Decode one complete 'p' frame according to what the server asked.
+
+    Returns:
+        PasswordMessage, SASLInitialResponse or SASLResponse, per ``expect``.
+
+    Raises:
+        ProtocolError: 08P01 when the tag is not 'p', the length field does not
+            match, or the body does not have the expected layout.
+    """
+    _check_tagged_length(frame)
+    if frame[:1] != b"p":
+        raise ProtocolError(f"expected password response, got message type {frame[0]}")
+    match expect:
+        case PasswordKind.PASSWORD:
+            return PasswordMessage(m.PASSWORD_MESSAGE.parse(frame))
+        case PasswordKind.SASL_INITIAL:
+            mechanism, data = m.SASL_INITIAL_RESPONSE.parse(frame)
+            return SASLInitialResponse(mechanism, data)
+        case PasswordKind.SASL_RESPONSE:
+            return SASLResponse(m.SASL_RESPONSE.parse(frame))
+        case _:
+            assert_never(expect)
