@@ -682,8 +682,11 @@ class _Loader:
             self.envvar("DATABRICKS_CONFIG_FILE"), self.fileval(table, where, "config_file")
         )
         explicit = profile_raw is not None
-        if not explicit and any(v is not None for v in vals.values()):
-            # The SDKs skip the file when host or credentials are configured directly.
+        direct_auth = any(vals[k] is not None for k in ("client_id", "client_secret", "token"))
+        if not explicit and direct_auth:
+            # No profile named and credentials set directly: the file is not read (as the
+            # SDKs do). Unlike the SDKs, a host set alone does not skip it (SPEC: "DEFAULT
+            # profile when no env credentials").
             return {}
         profile = self.parse_opt(profile_raw, _text)
         if explicit and profile is None:

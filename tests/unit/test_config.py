@@ -548,6 +548,13 @@ def test_profile_skipped_when_env_configures_auth_without_a_profile() -> None:
     ]
 
 
+def test_default_profile_with_host_from_env() -> None:
+    config = load(cfg_env(DATABRICKS_HOST="https://env.cloud.databricks.com"))
+    assert config.databricks == DatabricksConfig(
+        "https://env.cloud.databricks.com", "default-client", "default-secret-value"
+    )
+
+
 def test_settings_default_profile() -> None:
     env = cfg_env(DATABRICKS_CONFIG_FILE=str(DATA / "databrickscfg_settings.ini"), PGUSER="u")
     assert load(env).databricks.token == "dapi-staging-token-value"
