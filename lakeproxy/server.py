@@ -1,0 +1,298 @@
+"""Listeners, the session registry, drain and signals.
+
+:class:`ProxyServer` binds every listener of every endpoint, keeps its own
+``set`` of live sessions (uvloop's Server has no ``close_clients``), enforces
+``max_clients`` and drains on shutdown. :func:`serve` is ``lakeproxy run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from lakeproxy.cancel import CancelRegistry
+from lakeproxy.config import Config, EndpointConfig, Listener
+from lakeproxy.errors import LakeproxyError, ShuttingDown, TooManyConnections
+from lakeproxy.metrics import Metrics, Outcome
+from lakeproxy.session import ClientAuthenticator, ClientProtocol, Dialer, Session, SessionHooks
+
+log = logging.getLogger("lakeproxy.server")
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """One configured endpoint at run time: its config and how to reach it."""
+
+    config: EndpointConfig
+    dialer: Dialer
+    credentials_ready: Callable[[], bool]
+
+
+class ProxyServer:
+    """All listeners of one lakeproxy process. Implements admin's ReadinessSource."""
+
+    def __init__(
+        self,
+        config: Config,
+        endpoints: Sequence[Endpoint],
+        *,
+        metrics: Metrics,
+        authenticator: Callable[[], ClientAuthenticator] | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.config = config
+        self.endpoints = list(endpoints)
+        self.metrics = metrics
+        self.sessions: set[Session] = set()
+        self.cancels: CancelRegistry[Dialer] = CancelRegistry()
+        self.listening = False
+        self.draining = False
+        self.max_clients = config.max_clients
+        self._servers: list[asyncio.Server] = []
+        self._authenticator = authenticator
+        self._tls_context = tls_context
+        self._unix_paths: list[str] = []
+        self.bound: list[str] = []
+
+    # -- ReadinessSource ---------------------------------------------------
+
+    @property
+    def active_clients(self) -> int:
+        return len(self.sessions)
+
+    def credentials_ready(self) -> bool:
+        return all(ep.credentials_ready() for ep in self.endpoints)
+
+    # -- start / stop -------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind every listener; raises OSError if one cannot be bound."""
+        loop = asyncio.get_running_loop()
+        try:
+            for ep in self.endpoints:
+                hooks = self._hooks(ep)
+
+                def factory(hooks: SessionHooks = hooks) -> ClientProtocol:
+                    self.metrics.session_started()
+                    return ClientProtocol(hooks, self.sessions, self._session_finished)
+
+                for listener in ep.config.listen:
+                    server = await self._bind(loop, listener, factory)
+                    self._servers.append(server)
+        except BaseException:
+            await self.close_listeners()
+            raise
+        self.listening = True
+
+    async def _bind(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        listener: Listener,
+        factory: Callable[[], ClientProtocol],
+    ) -> asyncio.Server:
+        if listener.kind == "unix" and listener.path is not None:
+            path = os.path.join(listener.path, f".s.PGSQL.{listener.port}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # a stale socket from a previous run
+            server = await loop.create_unix_server(factory, path=path, backlog=1024)
+            # As PostgreSQL's default unix_socket_permissions; the directory guards access.
+            os.chmod(path, 0o777)  # noqa: S103
+            self._unix_paths.append(path)
+            self.bound.append(f"unix:{path}")
+            return server
+        server = await loop.create_server(
+            factory, host=listener.host, port=listener.port, backlog=1024, reuse_address=True
+        )
+        for sock in server.sockets:
+            host, port = sock.getsockname()[:2]
+            self.bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return server
+
+    def bound_port(self, index: int = 0) -> int:
+        """Port of the ``index``-th TCP listener (useful when configured with port 0)."""
+        tcp = [s for srv in self._servers for s in srv.sockets if s.family != socket.AF_UNIX]
+        return int(tcp[index].getsockname()[1])
+
+    async def close_listeners(self) -> None:
+        """Stop accepting new connections (open sessions continue)."""
+        self.listening = False
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+        for path in self._unix_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        self._unix_paths.clear()
+
+    async def drain(self, grace: float) -> int:
+        """Stop accepting, wait up to ``grace`` s for sessions, then end the rest.
+
+        Returns how many sessions had to be closed at the deadline.
+        """
+        self.draining = True
+        await self.close_listeners()
+        deadline = time.monotonic() + grace
+        while self.sessions and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a set
+            await asyncio.sleep(0.05)
+        left = list(self.sessions)
+        for s in left:
+            s.close(abort=True)
+        if left:
+            log.info("shutdown grace over: closed %d open session(s)", len(left))
+        # Give aborted sessions a moment to run their finally blocks.
+        for _ in range(40):
+            if not self.sessions:
+                break
+            await asyncio.sleep(0.025)
+        return len(left)
+
+    # -- sessions -----------------------------------------------------------
+
+    def _hooks(self, ep: Endpoint) -> SessionHooks:
+        cfg = ep.config
+        m = self.metrics
+        return SessionHooks(
+            dialer=ep.dialer,
+            role=cfg.user,
+            default_database=cfg.database,
+            connect_deadline=self.config.connect_deadline,
+            cancels=self.cancels,
+            admit=self._admit,
+            tls_context=self._tls_context,
+            tls_required=self.config.client_tls == "require",
+            authenticator=self._authenticator,
+            on_upstream_connected=m.upstream_connected,
+        )
+
+    def _admit(self) -> LakeproxyError | None:
+        if self.draining:
+            return ShuttingDown(
+                "shutting down",
+                client_message="lakeproxy: the proxy is shutting down",
+                hint="retry in a moment",
+            )
+        if len(self.sessions) > self.max_clients:
+            return TooManyConnections(
+                "too many clients",
+                client_message=(
+                    f"lakeproxy: sorry, too many clients already ({self.max_clients})"
+                ),
+                hint="raise LAKEPROXY_MAX_CLIENTS or use fewer connections",
+            )
+        return None
+
+    def _session_finished(self, session: Session) -> None:
+        r = session.record
+        self.metrics.session_finished(_METRIC_OUTCOME.get(r.outcome, "internal"),
+                                      r.bytes_up, r.bytes_down)
+        duration = time.monotonic() - r.started
+        fields = {
+            "client": r.client,
+            "database": r.database,
+            "duration_s": round(duration, 3),
+            "bytes_up": r.bytes_up,
+            "bytes_down": r.bytes_down,
+            "closed_by": r.closed_by,
+            "outcome": r.outcome,
+            "sqlstate": r.sqlstate,
+        }
+        level = logging.INFO
+        if r.outcome in ("internal",):
+            level = logging.ERROR
+        log.log(
+            level,
+            "session end client=%s database=%s duration=%.3fs up=%d down=%d closed_by=%s "
+            "outcome=%s%s",
+            r.client, r.database or "-", duration, r.bytes_up, r.bytes_down,
+            r.closed_by or "-", r.outcome, f" sqlstate={r.sqlstate}" if r.sqlstate else "",
+            extra={"fields": fields},
+        )
+
+
+#: Session outcomes (SessionRecord.outcome) -> the metric's outcome label.
+_METRIC_OUTCOME: dict[str, Outcome] = {
+    "ok": "ok",
+    "cancel": "ok",
+    "client_gone": "client_error",
+    "client_timeout": "client_error",
+    "client_error": "client_error",
+    "credential_error": "credential_error",
+    "upstream_error": "upstream_error",
+    "rejected": "rejected",
+    "too_many": "too_many",
+    "shutdown": "shutdown",
+    "internal": "internal",
+}
+
+
+def _install_signals(
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, reload: Callable[[], None]
+) -> Callable[[], None]:
+    count = 0
+
+    def on_stop(signum: int) -> None:
+        nonlocal count
+        count += 1
+        if count > 1 and signum == signal.SIGINT:
+            log.warning("second SIGINT: exiting now")
+            os._exit(130)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+
+    def remove() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    return remove
+
+
+async def serve(config: Config, *, ready: Callable[[ProxyServer], None] | None = None) -> int:
+    """``lakeproxy run``: serve until SIGTERM/SIGINT, then drain. Returns the exit code."""
+    from lakeproxy.admin import AdminServer
+    from lakeproxy.endpoint import Runtime
+
+    loop = asyncio.get_running_loop()
+    metrics = Metrics()
+    runtime = Runtime(config, metrics)
+    server = runtime.server
+    admin: AdminServer | None = None
+    stop = asyncio.Event()
+    remove_signals = _install_signals(loop, stop, runtime.reload)
+    try:
+        if config.admin_listen is not None:
+            admin = AdminServer(server, metrics)
+            await admin.start(*config.admin_listen)
+        await runtime.start()
+        log.info(
+            "lakeproxy listening on %s for %s%s",
+            ", ".join(server.bound),
+            ", ".join(runtime.describe_endpoints()),
+            f"; admin on {config.admin_listen[0]}:{admin.port}" if admin is not None
+            and config.admin_listen is not None else "",
+        )
+        if ready is not None:
+            ready(server)
+        await stop.wait()
+        log.info(
+            "shutting down: %d open session(s), grace %.0fs",
+            len(server.sessions), config.shutdown_grace,
+        )
+        await server.drain(config.shutdown_grace)
+    finally:
+        remove_signals()
+        await runtime.close()
+        if admin is not None:
+            await admin.stop()
+    log.info("lakeproxy stopped")
+    return 0

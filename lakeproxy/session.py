@@ -1,0 +1,447 @@
+"""One client connection: handshake -> credential -> upstream login -> splice.
+
+The accepted socket is driven by :class:`ClientProtocol` (callbacks, no
+streams) so that once the endpoint has accepted the login the same transport can
+be handed to :mod:`lakeproxy.splice` without copying or re-buffering. Every
+failure before the splice reaches the client as a FATAL ``ErrorResponse`` with a
+SQLSTATE (or, for the endpoint's own login errors, the endpoint's frame
+unchanged), never as a bare closed socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Protocol, cast
+
+from lakeproxy.cancel import CancelRegistry, CancelTarget
+from lakeproxy.errors import (
+    ClientProtocolError,
+    LakeproxyError,
+    ShuttingDown,
+    TooManyConnections,
+    UpstreamRejected,
+)
+from lakeproxy.splice import Splice, SpliceResult
+from lakeproxy.wire import sqlstate
+from lakeproxy.wire.client_handshake import (
+    NEED_DATA,
+    CancelRequested,
+    ClientHandshake,
+    Event,
+    GSSENCRequested,
+    PasswordReceived,
+    SSLRequested,
+    StartupReceived,
+    negotiate_bytes,
+)
+from lakeproxy.wire.codec import (
+    AuthenticationOk,
+    BackendKeyData,
+    ErrorResponse,
+    PasswordKind,
+    decode_backend,
+    encode,
+    error_response,
+)
+from lakeproxy.wire.errors import ProtocolError
+
+log = logging.getLogger("lakeproxy.session")
+
+#: Each message a client owes before its session starts must arrive within this.
+LOGIN_MESSAGE_TIMEOUT: Final = 10.0
+
+
+class Upstream(Protocol):
+    """A logged-in endpoint connection, ready to splice."""
+
+    @property
+    def transport(self) -> asyncio.Transport: ...
+
+    @property
+    def startup_frames(self) -> Sequence[bytes]:
+        """Raw frames after AuthenticationOk, up to and including ReadyForQuery."""
+        ...
+
+    @property
+    def trailing(self) -> bytes:
+        """Bytes the endpoint sent after that ReadyForQuery."""
+        ...
+
+
+class Dialer(Protocol):
+    """Opens logged-in connections to one endpoint (credential, TLS, retries)."""
+
+    async def connect(self, params: Mapping[str, str], *, deadline: float) -> Upstream:
+        """Log in with ``params`` (user already replaced) before ``deadline``.
+
+        Raises:
+            LakeproxyError: with the SQLSTATE the client must see
+            (UpstreamRejected carries the endpoint's own ErrorResponse).
+        """
+        ...
+
+    async def cancel(self, process_id: int, secret: bytes) -> None:
+        """Forward a CancelRequest with the endpoint's own key (best effort)."""
+        ...
+
+
+class ClientAuthenticator(Protocol):
+    """Server-side client authentication (LAKEPROXY_CLIENT_PASSWORD)."""
+
+    def start(self) -> tuple[bytes, PasswordKind]:
+        """First authentication request to send and how to read the reply."""
+        ...
+
+    def step(self, message: PasswordReceived) -> tuple[bytes, PasswordKind | None]:
+        """Bytes to send next; None as the kind when authentication is complete.
+
+        Raises:
+            LakeproxyError: wrong password (28P01) or a malformed exchange.
+        """
+        ...
+
+
+@dataclass(slots=True)
+class SessionHooks:
+    """What a session needs from the server that owns it."""
+
+    dialer: Dialer
+    role: str
+    default_database: str
+    connect_deadline: float
+    cancels: CancelRegistry[Dialer]
+    admit: Callable[[], LakeproxyError | None]  # None when the client may proceed
+    tls_context: ssl.SSLContext | None = None
+    tls_required: bool = False
+    authenticator: Callable[[], ClientAuthenticator] | None = None
+    on_upstream_connected: Callable[[float], None] = lambda seconds: None
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    """What one finished connection did, for the log line and the metrics."""
+
+    client: str
+    database: str = ""
+    outcome: str = "ok"
+    sqlstate: str = ""
+    closed_by: str = ""
+    bytes_up: int = 0
+    bytes_down: int = 0
+    started: float = field(default_factory=time.monotonic)
+    error: str = ""
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class ClientProtocol(asyncio.Protocol):
+    """Owns the accepted transport until the splice takes it over."""
+
+    def __init__(
+        self, hooks: SessionHooks, registry: set[Session], on_finished: Callable[[Session], None]
+    ) -> None:
+        self._hooks = hooks
+        self._registry = registry
+        self._on_finished = on_finished
+        self.handshake = ClientHandshake()
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.gone = False
+        self.protocol_error: ProtocolError | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        session = self.session = Session(self, self.transport, self._hooks)
+        self._registry.add(session)
+        task = asyncio.get_running_loop().create_task(session.run())
+        session.task = task
+
+        def done(_: asyncio.Task[None]) -> None:
+            self._registry.discard(session)
+            self._on_finished(session)
+
+        task.add_done_callback(done)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.handshake.receive_data(data)
+        except ProtocolError as exc:  # the framing refused a length
+            self.protocol_error = exc
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.gone = True
+        self._wake()
+        return True  # keep the transport: an ErrorResponse may still be owed
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.gone = True
+        self._wake()
+        session = self.session
+        if session is not None and session.connecting and session.task is not None:
+            # No upstream session may outlive its client: stop the login.
+            session.task.cancel()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def next_event(self, deadline: float) -> Event:
+        """The next handshake event; raises on timeout, EOF or a protocol error."""
+        while True:
+            if self.protocol_error is not None:
+                raise self.protocol_error
+            ev = self.handshake.next_event()
+            if ev is not NEED_DATA:
+                return ev
+            if self.gone:
+                raise _ClientGone
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._waiter
+            finally:
+                self._waiter = None
+
+
+class Session:
+    """The coroutine side of one client connection."""
+
+    def __init__(
+        self, conn: ClientProtocol, transport: asyncio.Transport, hooks: SessionHooks
+    ) -> None:
+        self.conn = conn
+        self.hooks = hooks
+        self.transport = transport
+        peer = self.transport.get_extra_info("peername")
+        self.record = SessionRecord(client=_format_peer(peer))
+        self.task: asyncio.Task[None] | None = None
+        self.connecting = False
+        self.splice: Splice | None = None
+
+    # -- public, for the server -------------------------------------------
+
+    def close(self, *, abort: bool = False) -> None:
+        """End this session from the proxy's side (shutdown)."""
+        if self.splice is not None:
+            if abort:
+                self.splice.abort()
+            else:
+                self.splice.close()
+        elif self.task is not None:
+            self.task.cancel()
+
+    # -- the session ------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            await self._run()
+        except _ClientGone:
+            self.record.outcome = self.record.outcome if self.record.sqlstate else "client_gone"
+            self.transport.abort()
+        except TimeoutError:
+            self.record.outcome = "client_timeout"
+            self.transport.abort()
+        except ProtocolError as exc:
+            self._fail(ClientProtocolError(str(exc), sqlstate=exc.sqlstate))
+        except LakeproxyError as exc:
+            self._fail(exc)
+        except asyncio.CancelledError:
+            if not self.conn.gone:
+                self._fail(ShuttingDown("lakeproxy: terminating connection: proxy shutting down"))
+            else:
+                self.record.outcome = "client_gone"
+            self.transport.abort()
+        except Exception as exc:
+            log.exception("session %s: internal error", self.record.client)
+            self._fail(LakeproxyError(f"internal error: {type(exc).__name__}"))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        conn = self.conn
+        hooks = self.hooks
+        tls_on = False
+        while True:
+            ev = await conn.next_event(loop.time() + LOGIN_MESSAGE_TIMEOUT)
+            if isinstance(ev, SSLRequested):
+                ctx = None if tls_on else hooks.tls_context
+                self.transport.write(conn.handshake.answer_ssl(ctx is not None))
+                if ctx is not None:
+                    await self._start_tls(ctx)
+                    tls_on = True
+                continue
+            if isinstance(ev, GSSENCRequested):
+                self.transport.write(conn.handshake.answer_gssenc())
+                continue
+            if isinstance(ev, CancelRequested):
+                self.record.outcome = "cancel"
+                await self._forward_cancel(ev)
+                return
+            if isinstance(ev, StartupReceived):
+                break
+            raise ClientProtocolError(f"unexpected {type(ev).__name__} before startup")
+        if hooks.tls_required and not tls_on:
+            raise LakeproxyError(
+                "TLS required",
+                client_message="lakeproxy: this proxy requires an encrypted connection",
+                hint="connect with sslmode=require (or stronger)",
+                sqlstate=sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
+            )
+        startup = ev.message
+        database = startup.params.get("database") or hooks.default_database
+        self.record.database = database
+        if startup.params.get("replication") not in (None, "", "false", "0", "off", "no"):
+            log.debug("session %s: replication connection", self.record.client)
+        refused = hooks.admit()
+        if refused is not None:
+            raise refused
+        self.transport.write(negotiate_bytes(ev.negotiate))
+        if hooks.authenticator is not None:
+            await self._authenticate_client(hooks.authenticator())
+        # Everything else the client sent stays in the kernel until the splice.
+        self.transport.pause_reading()
+
+        params = dict(startup.params)
+        params["user"] = hooks.role
+        params["database"] = database
+        self.connecting = True
+        started = loop.time()
+        try:
+            upstream = await hooks.dialer.connect(
+                params, deadline=started + hooks.connect_deadline
+            )
+        finally:
+            self.connecting = False
+        hooks.on_upstream_connected(loop.time() - started)
+        if conn.gone:
+            upstream.transport.abort()
+            raise _ClientGone
+        await self._relay_startup(upstream)
+
+    async def _start_tls(self, ctx: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        new = await loop.start_tls(
+            self.transport, self.conn, ctx, server_side=True,
+            ssl_handshake_timeout=LOGIN_MESSAGE_TIMEOUT,
+        )
+        if new is None:
+            raise _ClientGone
+        self.transport = new
+        self.conn.transport = new
+
+    async def _authenticate_client(self, auth: ClientAuthenticator) -> None:
+        loop = asyncio.get_running_loop()
+        out, first = auth.start()
+        self.transport.write(out)
+        kind: PasswordKind | None = first
+        while kind is not None:
+            self.conn.handshake.expect_password(kind)
+            ev = await self.conn.next_event(loop.time() + LOGIN_MESSAGE_TIMEOUT)
+            if not isinstance(ev, PasswordReceived):
+                raise ClientProtocolError("expected a password message")
+            out, kind = auth.step(ev)
+            if out:
+                self.transport.write(out)
+
+    async def _relay_startup(self, upstream: Upstream) -> None:
+        hooks = self.hooks
+        out = [encode(AuthenticationOk())]
+        key: tuple[int, bytes] | None = None
+        for frame in upstream.startup_frames:
+            if frame[:1] == b"K":
+                msg = decode_backend(frame)
+                if not isinstance(msg, BackendKeyData):  # pragma: no cover - 'K' decodes so
+                    raise TypeError("BackendKeyData expected")
+                ours = hooks.cancels.register(
+                    CancelTarget(hooks.dialer, msg.process_id, msg.secret)
+                )
+                key = (msg.process_id, ours)
+                frame = encode(BackendKeyData(msg.process_id, ours))
+            out.append(frame)
+        self.transport.write(b"".join(out))
+        splice = Splice(self.transport, upstream.transport)
+        self.splice = splice
+        try:
+            splice.start(
+                client_leftover=self.conn.handshake.trailing_data(),
+                upstream_leftover=upstream.trailing,
+            )
+            result = await splice.wait()
+        finally:
+            if key is not None:
+                hooks.cancels.unregister(*key)
+        self._record_splice(result)
+
+    def _record_splice(self, result: SpliceResult) -> None:
+        r = self.record
+        r.closed_by = result.closed_by
+        r.bytes_up = result.bytes_up
+        r.bytes_down = result.bytes_down
+        if result.error is not None:
+            r.error = type(result.error).__name__
+        r.outcome = "ok"
+
+    async def _forward_cancel(self, ev: CancelRequested) -> None:
+        req = ev.request
+        self.transport.close()  # PostgreSQL closes the cancel connection at once
+        target = self.hooks.cancels.lookup(req.process_id, req.secret)
+        if target is None:
+            log.info("cancel request for unknown key (pid %d) dropped", req.process_id)
+            return
+        with contextlib.suppress(Exception):
+            await target.endpoint.cancel(target.process_id, target.secret)
+
+    def _fail(self, exc: LakeproxyError) -> None:
+        r = self.record
+        r.sqlstate = exc.sqlstate
+        r.outcome = _outcome(exc)
+        r.error = str(exc)
+        if self.transport.is_closing():
+            return
+        raw = exc.raw if isinstance(exc, UpstreamRejected) else encode(_client_error(exc))
+        self.transport.write(raw)
+        self.transport.close()
+
+
+def _client_error(exc: LakeproxyError) -> ErrorResponse:
+    msg = exc.client_message
+    if not msg.startswith("lakeproxy:"):
+        msg = f"lakeproxy: {msg}"
+    return error_response(exc.sqlstate, msg, hint=exc.hint)
+
+
+def _outcome(exc: LakeproxyError) -> str:
+    if isinstance(exc, UpstreamRejected):
+        return "rejected"
+    if isinstance(exc, TooManyConnections):
+        return "too_many"
+    if isinstance(exc, ShuttingDown):
+        return "shutdown"
+    return {
+        "client": "client_error",
+        "credential": "credential_error",
+        "upstream": "upstream_error",
+        "capacity": "too_many",
+        "config": "internal",
+        "internal": "internal",
+    }[exc.kind]
+
+
+def _format_peer(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host, port = peer[0], peer[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(peer, str) and peer:
+        return peer
+    return "unix"

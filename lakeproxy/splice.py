@@ -1,0 +1,188 @@
+"""The hot path: move bytes between a client and the endpoint, untouched.
+
+Two ``asyncio.Protocol`` halves, one per transport. Each chunk a transport reads
+is written to the other transport as it is: no parsing, no logging, no await, no
+copy. Flow control is the transports' own: when one side's write buffer passes
+its high-water mark, the protocol of that transport is told ``pause_writing``
+and stops the *other* transport from reading until the buffer drains
+(``resume_writing``). Memory per session is therefore bounded by the two write
+buffers' high-water marks plus one read chunk.
+
+The first side to close (EOF, error or connection loss) is recorded; the other
+transport is then closed with ``close()``, which flushes what is already
+buffered for it, so bytes that were read are never dropped. ``abort()`` is for
+errors and the shutdown deadline.
+
+This module imports nothing from :mod:`lakeproxy.wire`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from dataclasses import dataclass
+from typing import Final, Literal
+
+Side = Literal["client", "upstream", "proxy"]
+
+#: How long a closing side may take to flush what is buffered for it before it
+#: is aborted (a peer that never reads must not pin the session forever).
+CLOSE_FLUSH_TIMEOUT: Final = 30.0
+
+#: Write-buffer high-water mark per direction. Past it, the other side stops
+#: reading. 256 KiB keeps a bulk COPY streaming in large writes while bounding
+#: a session's worst case to about twice this (see benchmarks/README.md).
+WRITE_HIGH_WATER: Final = 256 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SpliceResult:
+    """How a spliced session ended.
+
+    ``closed_by`` names the side that closed first (``proxy`` when
+    :meth:`Splice.abort` or :meth:`Splice.close` ended it); ``error`` is the
+    exception that side's transport reported, if any.
+    """
+
+    closed_by: Side
+    error: BaseException | None
+    bytes_up: int  # client -> upstream
+    bytes_down: int  # upstream -> client
+
+
+class _Half(asyncio.Protocol):
+    """Reads from ``transport`` and writes to ``peer``."""
+
+    __slots__ = ("nbytes", "peer", "side", "splice")
+
+    def __init__(self, splice: Splice, side: Side, peer: asyncio.Transport) -> None:
+        self.splice = splice
+        self.side: Side = side
+        self.peer = peer
+        self.nbytes = 0
+
+    # The hot path: keep it to these two statements.
+    def data_received(self, data: bytes) -> None:
+        self.nbytes += len(data)
+        self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        self.splice._finish(self.side, None)
+        return False
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.splice._finish(self.side, exc)
+
+    # Our transport's write buffer is full: stop reading from the peer.
+    def pause_writing(self) -> None:
+        if not self.peer.is_closing():
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.peer.is_closing():
+            self.peer.resume_reading()
+
+
+def tune_socket(transport: asyncio.BaseTransport) -> None:
+    """Set TCP_NODELAY on a TCP transport's socket (no-op for unix sockets)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):  # already closed: the splice will see it
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class Splice:
+    """One client <-> upstream byte relay. Start with :meth:`start`, await :meth:`wait`."""
+
+    def __init__(self, client: asyncio.Transport, upstream: asyncio.Transport) -> None:
+        self.client = client
+        self.upstream = upstream
+        self._up = _Half(self, "client", upstream)  # reads the client, writes upstream
+        self._down = _Half(self, "upstream", client)  # reads upstream, writes the client
+        self._done: asyncio.Future[SpliceResult] = asyncio.get_running_loop().create_future()
+
+    def start(self, *, client_leftover: bytes = b"", upstream_leftover: bytes = b"") -> None:
+        """Hand both transports to the relay.
+
+        ``client_leftover`` (bytes the client sent after its handshake) goes
+        upstream first and ``upstream_leftover`` goes to the client first, each
+        before anything read later, so nothing is reordered.
+        """
+        client, upstream = self.client, self.upstream
+        for t in (client, upstream):
+            tune_socket(t)
+            t.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+        if client_leftover:
+            self._up.nbytes += len(client_leftover)
+            upstream.write(client_leftover)
+        if upstream_leftover:
+            self._down.nbytes += len(upstream_leftover)
+            client.write(upstream_leftover)
+        client.set_protocol(self._up)
+        upstream.set_protocol(self._down)
+        # Either side may have closed while we were switching protocols.
+        if client.is_closing():
+            self._finish("client", None)
+            return
+        if upstream.is_closing():
+            self._finish("upstream", None)
+            return
+        client.resume_reading()
+        upstream.resume_reading()
+
+    async def wait(self) -> SpliceResult:
+        """Wait until either side closes; cancel-safe (cancelling aborts both)."""
+        try:
+            return await asyncio.shield(self._done)
+        except asyncio.CancelledError:
+            self.abort()
+            raise
+
+    def close(self) -> None:
+        """End the session gracefully from the proxy's side (flushes buffers)."""
+        self._finish("proxy", None)
+
+    def abort(self) -> None:
+        """End the session at once from the proxy's side (drops buffers)."""
+        self._finish("proxy", None, abort=True)
+
+    @property
+    def bytes_up(self) -> int:
+        return self._up.nbytes
+
+    @property
+    def bytes_down(self) -> int:
+        return self._down.nbytes
+
+    def _finish(self, side: Side, exc: BaseException | None, *, abort: bool = False) -> None:
+        if self._done.done():
+            return
+        self._done.set_result(SpliceResult(side, exc, self._up.nbytes, self._down.nbytes))
+        if abort:
+            self.client.abort()
+            self.upstream.abort()
+            return
+        loop = asyncio.get_running_loop()
+        for t in (self.client, self.upstream):
+            if t.is_closing():
+                continue
+            # close() flushes what is already buffered for that side; a peer
+            # that never reads is aborted after CLOSE_FLUSH_TIMEOUT.
+            t.close()
+            if t.get_write_buffer_size():
+                loop.call_later(CLOSE_FLUSH_TIMEOUT, t.abort)
+
+
+async def splice(
+    client: asyncio.Transport,
+    upstream: asyncio.Transport,
+    *,
+    client_leftover: bytes = b"",
+    upstream_leftover: bytes = b"",
+) -> SpliceResult:
+    """Relay bytes both ways until one side closes; return how it ended."""
+    s = Splice(client, upstream)
+    s.start(client_leftover=client_leftover, upstream_leftover=upstream_leftover)
+    return await s.wait()
