@@ -60,6 +60,7 @@ class ProxyServer:
         self._authenticator = authenticator
         self._tls_context = tls_context
         self._unix_paths: list[str] = []
+        self._current: list[SessionHooks] = []
         self.bound: list[str] = []
 
     # -- ReadinessSource ---------------------------------------------------
@@ -76,12 +77,14 @@ class ProxyServer:
     async def start(self) -> None:
         """Bind every listener; raises OSError if one cannot be bound."""
         loop = asyncio.get_running_loop()
+        self._current = [self._hooks(ep) for ep in self.endpoints]
         try:
-            for ep in self.endpoints:
-                hooks = self._hooks(ep)
+            for index, ep in enumerate(self.endpoints):
 
-                def factory(hooks: SessionHooks = hooks) -> ClientProtocol:
+                def factory(index: int = index) -> ClientProtocol:
                     self.metrics.session_started()
+                    # Looked up per connection, so a reload applies to new clients.
+                    hooks = self._current[index]
                     return ClientProtocol(hooks, self.sessions, self._session_finished)
 
                 for listener in ep.config.listen:
@@ -115,6 +118,16 @@ class ProxyServer:
             host, port = sock.getsockname()[:2]
             self.bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         return server
+
+    def reconfigure(self, config: Config, endpoints: Sequence[Endpoint]) -> None:
+        """Apply a reloaded configuration to new connections (listeners stay)."""
+        if len(endpoints) != len(self.endpoints):
+            log.warning("reload: the number of endpoints changed; restart to apply that")
+            return
+        self.config = config
+        self.endpoints = list(endpoints)
+        self.max_clients = config.max_clients
+        self._current = [self._hooks(ep) for ep in self.endpoints]
 
     def bound_port(self, index: int = 0) -> int:
         """Port of the ``index``-th TCP listener (useful when configured with port 0)."""

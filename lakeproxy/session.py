@@ -64,7 +64,7 @@ class Upstream(Protocol):
     def transport(self) -> asyncio.Transport: ...
 
     @property
-    def startup_frames(self) -> Sequence[bytes]:
+    def startup_messages(self) -> Sequence[bytes]:
         """Raw frames after AuthenticationOk, up to and including ReadyForQuery."""
         ...
 
@@ -358,7 +358,7 @@ class Session:
         hooks = self.hooks
         out = [encode(AuthenticationOk())]
         key: tuple[int, bytes] | None = None
-        for frame in upstream.startup_frames:
+        for frame in upstream.startup_messages:
             if frame[:1] == b"K":
                 msg = decode_backend(frame)
                 if not isinstance(msg, BackendKeyData):  # pragma: no cover - 'K' decodes so

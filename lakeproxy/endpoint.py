@@ -1,0 +1,200 @@
+"""Wiring: a configured endpoint becomes a Dialer (credential + TLS login + retries).
+
+:class:`EndpointDialer` is what a session calls to get a logged-in upstream
+connection. :class:`Runtime` builds one dialer per ``[[endpoints]]`` entry,
+the :class:`~lakeproxy.server.ProxyServer` around them, and re-reads the
+configuration on SIGHUP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import ssl
+from collections.abc import Mapping
+
+from lakeproxy.auth.cache import CachedCredentials
+from lakeproxy.auth.databricks import DatabricksApi
+from lakeproxy.auth.provider import Credential
+from lakeproxy.client_auth import ScramAuthenticator, ScramVerifier
+from lakeproxy.config import Config, DatabricksConfig, EndpointConfig, reload_config
+from lakeproxy.errors import ConfigError, CredentialError, LakeproxyError
+from lakeproxy.metrics import Metrics
+from lakeproxy.server import Endpoint, ProxyServer
+from lakeproxy.upstream import (
+    UpstreamConnection,
+    UpstreamTarget,
+    connect_with_retry,
+    make_ssl_context,
+    send_cancel,
+)
+
+log = logging.getLogger("lakeproxy.endpoint")
+
+
+def make_api(databricks: DatabricksConfig, endpoint: EndpointConfig) -> DatabricksApi:
+    """The credential API client for one endpoint (raises ConfigError)."""
+    oauth = databricks.auth_method == "oauth-m2m"
+    return DatabricksApi(
+        host=databricks.host,
+        client_id=databricks.client_id if oauth else None,
+        client_secret=databricks.client_secret if oauth else None,
+        token=None if oauth else databricks.token,
+        endpoint_name=endpoint.name,
+        instance_name=endpoint.instance,
+    )
+
+
+class EndpointDialer:
+    """Opens logged-in connections to one endpoint. Implements session.Dialer."""
+
+    def __init__(
+        self,
+        config: EndpointConfig,
+        credentials: CachedCredentials,
+        *,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config
+        self.credentials = credentials
+        self.metrics = metrics
+        self.ssl_context: ssl.SSLContext = make_ssl_context(config.sslmode, config.sslrootcert)
+        self._host: str | None = config.host
+
+    def describe(self) -> str:
+        where = self._host or "(host looked up)"
+        return f"{self.config.label} at {where}:{self.config.port} as {self.config.user}"
+
+    async def target(self, *, deadline: float) -> UpstreamTarget:
+        """The endpoint's address, looking the host up once when PGHOST is unset."""
+        if self._host is None:
+            self._host = await self.credentials.endpoint_host(
+                self.config.name, deadline=deadline
+            )
+            log.info("endpoint %s: host is %s", self.config.label, self._host)
+        c = self.config
+        return UpstreamTarget(host=self._host, port=c.port, hostaddr=c.hostaddr,
+                              sslmode=c.sslmode)
+
+    async def connect(self, params: Mapping[str, str], *, deadline: float) -> UpstreamConnection:
+        target = await self.target(deadline=deadline)
+        cred = await self.credentials.get(deadline=deadline)
+        used: list[Credential] = [cred]
+
+        async def refresh() -> str:
+            # The endpoint refused the credential: drop it, mint a newer one.
+            self.credentials.invalidate(used[-1])
+            fresh = await self.credentials.get(deadline=deadline)
+            used.append(fresh)
+            return fresh.token
+
+        m = self.metrics
+        return await connect_with_retry(
+            target, cred.token, params, deadline=deadline, ssl_context=self.ssl_context,
+            refresh_credential=refresh,
+            on_retry=(lambda _exc: m.upstream_retry()) if m is not None else None,
+        )
+
+    async def cancel(self, process_id: int, secret: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        target = await self.target(deadline=loop.time() + 10)
+        await send_cancel(target, self.ssl_context, process_id, secret)
+
+    async def close(self) -> None:
+        await self.credentials.close()
+
+
+def build_dialer(
+    config: Config, endpoint: EndpointConfig, metrics: Metrics | None
+) -> EndpointDialer:
+    def on_request(kind: str, result: str) -> None:
+        if metrics is not None and kind in ("oauth", "database"):
+            metrics.credential_request(kind, "ok" if result == "ok" else "error")  # type: ignore[arg-type]
+
+    def on_credential(kind: str, expires_wall: float) -> None:
+        if metrics is not None and kind in ("oauth", "database"):
+            metrics.credential_expiry(kind, expires_wall)  # type: ignore[arg-type]
+
+    creds = CachedCredentials(
+        make_api(config.databricks, endpoint), on_request=on_request, on_credential=on_credential
+    )
+    return EndpointDialer(endpoint, creds, metrics=metrics)
+
+
+def client_tls_context(config: Config) -> ssl.SSLContext | None:
+    """Server-side TLS for clients (LAKEPROXY_TLS_CERT/KEY), or None."""
+    if config.tls_cert is None or config.tls_key is None or config.client_tls == "off":
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(config.tls_cert, config.tls_key)
+    ctx.set_alpn_protocols(["postgresql"])
+    return ctx
+
+
+class Runtime:
+    """One process's proxy: dialers, server, reload."""
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.dialers = [build_dialer(config, ep, metrics) for ep in config.endpoints]
+        verifier = (
+            ScramVerifier.from_password(config.client_password)
+            if config.client_password is not None else None
+        )
+        self.server = ProxyServer(
+            config,
+            [Endpoint(d.config, d, d.credentials.ready) for d in self.dialers],
+            metrics=metrics,
+            authenticator=(lambda: ScramAuthenticator(verifier)) if verifier else None,
+            tls_context=client_tls_context(config),
+        )
+
+    def describe_endpoints(self) -> list[str]:
+        return [d.describe() for d in self.dialers]
+
+    async def start(self, *, warm: bool = True) -> None:
+        """Bind the listeners; with ``warm``, start minting a credential in the background."""
+        await self.server.start()
+        if warm:
+            for d in self.dialers:
+                asyncio.get_running_loop().create_task(self._warm(d))
+
+    async def _warm(self, dialer: EndpointDialer) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await dialer.credentials.get(deadline=loop.time() + self.config.connect_deadline)
+        except CredentialError as exc:
+            log.warning("could not mint a credential for %s yet: %s", dialer.config.label, exc)
+        except Exception:
+            log.exception("credential warm-up failed")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration; new connections use the new settings."""
+        try:
+            new = reload_config(self.config, env=os.environ)
+        except ConfigError as exc:
+            log.error("reload failed, keeping the old configuration: %s", exc)
+            return
+        if [ep.listen for ep in new.endpoints] != [ep.listen for ep in self.config.endpoints]:
+            log.warning("reload: listener changes need a restart; other changes apply")
+        old = self.dialers
+        try:
+            dialers = [build_dialer(new, ep, self.metrics) for ep in new.endpoints]
+        except (LakeproxyError, OSError, ssl.SSLError) as exc:
+            log.error("reload failed, keeping the old configuration: %s", exc)
+            return
+        self.config = new
+        self.dialers = dialers
+        self.server.reconfigure(new, [Endpoint(d.config, d, d.credentials.ready)
+                                      for d in dialers])
+        log.info("configuration reloaded from %s", new.config_file or "environment")
+        for d in old:
+            asyncio.get_running_loop().create_task(d.close())
+
+    async def close(self) -> None:
+        for d in self.dialers:
+            await d.close()
+
