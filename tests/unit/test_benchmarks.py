@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-from benchmarks import splice_micro
+import pytest
+
+from benchmarks import procstat, report, run, splice_micro
 
 
 def test_splice_micro_runs_and_writes_json(tmp_path: Path) -> None:
@@ -20,3 +23,70 @@ def test_splice_micro_runs_and_writes_json(tmp_path: Path) -> None:
     assert len(keys) == 15
     assert all(s["median"] > 0 for s in doc["series"])
     assert len(doc["ratios"]) == 6
+
+
+def test_procstat_reads_this_process() -> None:
+    sum(i * i for i in range(200_000))  # burn a little CPU
+    assert procstat.cpu_seconds(os.getpid()) > 0
+    mem = procstat.memory(os.getpid())
+    assert 0 < mem.rss <= mem.hwm
+
+
+def test_report_ratios_and_checks() -> None:
+    results = {
+        "direct": {"s1_tps": [10_000.0, 12_000.0, 11_000.0], "copy_out_mb_s": [200.0]},
+        "pgbouncer": {"s1_tps": [8_000.0], "s8_cpu_s_per_10k": [0.45]},
+        "lakeproxy": {
+            "s1_tps": [8_800.0],
+            "s8_cpu_s_per_10k": [0.60],
+            "copy_out_mb_s": [230.0],
+            "idle_kib_per_session": [40.0],
+        },
+    }
+    assert report.median(results, "direct", "s1_tps") == 11_000.0
+    assert report.ratio(results, "s1_tps", "direct") == pytest.approx(0.8)
+    assert report.ratio(results, "s1_tps", "pgbouncer") == pytest.approx(1.1)
+    by_what = {c.what: c for c in report.checks(results)}
+    assert by_what["1-client `pgbench -S` TPS vs PgBouncer"].met is True
+    assert by_what["proxy CPU per transaction at 8 clients"].met is False
+    assert by_what["COPY out MB/s vs direct TLS"].met is True
+    assert by_what["RSS per idle session (1,000 sessions)"].met is True
+    assert by_what["COPY in MB/s vs direct TLS"].met is None
+    metric_list = report.metrics(copy_mb=300, idle=1000, connect_clients=4)
+    md = report.table(results, metric_list)
+    assert (
+        "| pgbench -S, 1 client: TPS | 11,000 [10,000, 12,000] | 8,000 | 8,800 | 0.80x | 1.10x |"
+        in md
+    )
+    assert "COPY FROM STDIN" not in md  # rows nobody measured are left out
+    assert report.ratios(results, metric_list)["s1_tps"] == {
+        "lakeproxy/direct": pytest.approx(0.8),
+        "lakeproxy/pgbouncer": pytest.approx(1.1),
+    }
+
+
+@pytest.mark.slow
+def test_side_by_side_harness_smoke(tmp_path: Path) -> None:
+    """The whole harness on tiny sizes: TLS PostgreSQL, PgBouncer, every test."""
+    argv = [
+        "--quick",
+        "--targets",
+        "direct,pgbouncer",
+        "--duration",
+        "1",
+        "--copy-mb",
+        "2",
+        "--idle",
+        "10",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "smoke",
+    ]
+    assert run.main(argv) == 0
+    doc = json.loads((tmp_path / "smoke.json").read_text())
+    assert {"postgresql", "pgbouncer", "pgbench", "openssl"} <= doc["machine"].keys()
+    assert doc["results"]["direct"]["s1_tps"]["median"] > 0
+    assert doc["results"]["pgbouncer"]["idle_kib_per_session"]["runs"]
+    assert doc["results"]["pgbouncer"]["copy_in_cpu_s_per_gb"]["runs"]
+    assert (tmp_path / "smoke.md").read_text().startswith("# lakeproxy benchmark")
