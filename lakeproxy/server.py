@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from lakeproxy.cancel import CancelRegistry
 from lakeproxy.config import Config, EndpointConfig, Listener
 from lakeproxy.errors import LakeproxyError, ShuttingDown, TooManyConnections
+from lakeproxy.log import fields as log_fields
 from lakeproxy.metrics import Metrics, Outcome
 from lakeproxy.session import ClientAuthenticator, ClientProtocol, Dialer, Session, SessionHooks
 
@@ -207,7 +208,8 @@ class ProxyServer:
         self.metrics.session_finished(_METRIC_OUTCOME.get(r.outcome, "internal"),
                                       r.bytes_up, r.bytes_down)
         duration = time.monotonic() - r.started
-        fields = {
+        level = logging.ERROR if r.outcome == "internal" else logging.INFO
+        values: dict[str, object] = {
             "client": r.client,
             "database": r.database,
             "duration_s": round(duration, 3),
@@ -215,19 +217,12 @@ class ProxyServer:
             "bytes_down": r.bytes_down,
             "closed_by": r.closed_by,
             "outcome": r.outcome,
-            "sqlstate": r.sqlstate,
         }
-        level = logging.INFO
-        if r.outcome in ("internal",):
-            level = logging.ERROR
-        log.log(
-            level,
-            "session end client=%s database=%s duration=%.3fs up=%d down=%d closed_by=%s "
-            "outcome=%s%s",
-            r.client, r.database or "-", duration, r.bytes_up, r.bytes_down,
-            r.closed_by or "-", r.outcome, f" sqlstate={r.sqlstate}" if r.sqlstate else "",
-            extra={"fields": fields},
-        )
+        if r.sqlstate:
+            values["sqlstate"] = r.sqlstate
+        if r.error:
+            values["error"] = r.error
+        log.log(level, "session end", extra=log_fields(**values))
 
 
 #: Session outcomes (SessionRecord.outcome) -> the metric's outcome label.
