@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TextIO, TypeVar, cast
+from typing import TextIO, TypeVar
 
 from lakeproxy.config import Config
 from lakeproxy.endpoint import build_dialer
@@ -111,7 +111,7 @@ async def run_check(config: Config, out: TextIO) -> int:
                     raw, probe = await loop.create_connection(
                         _Collect, target.dial_host, target.port
                     )
-                    transport = cast(asyncio.Transport, raw)
+                    transport = raw
                     transport.write(encode(SSLRequest()))
                     answer = await probe.read_some()
                     if answer != b"S":
