@@ -129,8 +129,7 @@ class ClientHandshake:
                 raise ProtocolError(f"expected password response, got message type {frame[:1]!r}")
             self._state = _State.STARTED
             return PasswordReceived(decode_password(frame, self._password_kind))
-        if state is _State.ANSWER_PENDING:
-            raise RuntimeError("answer the SSL/GSSENC request first")
+        # ANSWER_PENDING (the caller owes the one-byte answer), STARTED, DONE.
         return NEED_DATA
 
     def _startup_packet(self, frame: bytes) -> Event:
