@@ -63,6 +63,8 @@ SslMode = Literal["require", "verify-ca", "verify-full"]
 SSL_MODES: Final = ("require", "verify-ca", "verify-full")
 #: Upper bound for one connect attempt (TCP + TLS + login).
 ATTEMPT_TIMEOUT: Final = 10.0
+#: Below this many seconds before the deadline no new attempt is started.
+_MIN_ATTEMPT: Final = 0.01
 #: Upper bound for sending one CancelRequest.
 CANCEL_TIMEOUT: Final = 5.0
 
@@ -689,8 +691,11 @@ async def connect_with_retry(
                     ) from exc
                 log.info("endpoint %s refused the credential (%s); retrying once with a "
                          "fresh one", endpoint, exc.sqlstate)
-                async with asyncio.timeout_at(deadline):
-                    token = await refresh_credential()
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        token = await refresh_credential()
+                except TimeoutError:
+                    raise _gave_up(endpoint, exc, retries, loop.time() - started) from None
                 refreshed = True
                 last = exc
                 continue
@@ -708,21 +713,26 @@ async def connect_with_retry(
                     retryable=False, hint="check PGHOST/PGPORT/PGHOSTADDR",
                 ) from exc
             last = exc
+        remaining = deadline - loop.time()
+        if remaining <= _MIN_ATTEMPT:
+            raise _gave_up(endpoint, last, retries, loop.time() - started)
+        # Never sleep away the time the next attempt needs: a compute that
+        # wakes in the last seconds before the deadline still gets a try.
+        delay = min(policy.delay(retries + 1), remaining / 2)
         retries += 1
         if on_retry is not None:
             on_retry(last)
-        delay = policy.delay(retries)
         log.debug("endpoint %s not ready (%s); retry %d in %.2f s",
                   endpoint, describe(last), retries, delay)
-        await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
+        await asyncio.sleep(delay)
 
 
 def _gave_up(endpoint: UpstreamTarget, last: BaseException | None, retries: int,
              elapsed: float) -> UpstreamConnectError:
     cause = describe(last) if last is not None else "no attempt was made in time"
     exc = UpstreamConnectError(
-        f"endpoint {endpoint} unreachable after {elapsed:.1f} s and {retries} "
-        f"retr{'y' if retries == 1 else 'ies'}; last error: {cause}",
+        f"could not connect to endpoint {endpoint} within {elapsed:.1f} s ({retries} "
+        f"retr{'y' if retries == 1 else 'ies'}); last error: {cause}",
         retryable=False, hint=_DEADLINE_HINT, sqlstate=sqlstate.CONNECTION_FAILURE,
     )
     exc.__cause__ = last
