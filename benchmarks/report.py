@@ -42,8 +42,9 @@ def metrics(*, copy_mb: int, idle: int, connect_clients: int) -> list[Metric]:
         Metric("copy_in_mb_s", f"COPY FROM STDIN, {copy_mb} MB: MB/s", "higher", 0),
         Metric("copy_in_cpu_s_per_gb", "COPY FROM STDIN: proxy CPU s / GB (= ms/MB)", "lower", 2),
         Metric("idle_kib_per_session", f"{idle:,} idle sessions: proxy RSS KiB / session", "lower"),
-        Metric("idle_rss_mib", f"{idle:,} idle sessions: proxy RSS (MiB)", "lower"),
-        Metric("idle_hwm_mib", "proxy peak RSS over the run, VmHWM (MiB)", "lower"),
+        Metric("idle_base_mib", "fresh proxy after one session: RSS (MiB)", "lower"),
+        Metric("idle_rss_mib", f"... with {idle:,} idle sessions: RSS (MiB)", "lower"),
+        Metric("idle_hwm_mib", f"... with {idle:,} idle sessions: peak RSS, VmHWM (MiB)", "lower"),
         Metric("idle_open_s", f"{idle:,} idle sessions: seconds to open", "lower", 2),
     ]
 

@@ -240,8 +240,16 @@ class Bench:
         )
 
     def idle(self, target: Target) -> None:
-        if target.pid is None or target.host is None or target.port is None:
+        if target.pid is None:
             return  # no proxy process to weigh
+        # A fresh proxy process for each idle test: Python (and PgBouncer) keep
+        # freed memory for reuse, so a process that already held 1,000 sessions
+        # would show almost no growth the second time. A restart also empties
+        # PgBouncer's pool, so its server connections from earlier tests are gone.
+        target = self.stack.restart(target.name)
+        assert target.pid is not None
+        assert target.host is not None
+        assert target.port is not None
         left = self.stack.wait_backends(at_most=20)
         if left > 20:
             log(f"  warning: {left} server sessions still open before the idle test")
@@ -249,11 +257,18 @@ class Bench:
         self._record(target, values)
         log(
             f"  {target.name:9} idle: {values['idle_kib_per_session']:.1f} KiB/session, "
-            f"rss {values['idle_rss_mib']:.1f} MiB, opened in {values['idle_open_s']:.1f} s"
+            f"rss {values['idle_rss_mib']:.1f} MiB (from {values['idle_base_mib']:.1f}), "
+            f"opened in {values['idle_open_s']:.1f} s"
         )
 
     async def _idle(self, target: Target, pid: int, host: str, port: int) -> dict[str, float]:
         n = self.args.idle
+        # One session first, so that the baseline includes what any first
+        # connection sets up (lakeproxy: credential, TLS context; PgBouncer: pool).
+        warm = IdleSessions(host, port, self.stack.role, DATABASE)
+        await warm.open(1)
+        await warm.close()
+        await asyncio.sleep(0.2)
         sessions = IdleSessions(host, port, self.stack.role, DATABASE)
         before = memory(pid)
         try:
@@ -267,6 +282,7 @@ class Bench:
             log(f"  warning: {target.name} had {server_sessions} server sessions for {n} clients")
         return {
             "idle_kib_per_session": (after.rss - before.rss) / n / 1024,
+            "idle_base_mib": before.rss / 2**20,
             "idle_rss_mib": after.rss / 2**20,
             "idle_hwm_mib": after.hwm / 2**20,
             "idle_open_s": seconds,

@@ -213,6 +213,7 @@ class Stack:
         self.keep = keep
         self.role = str(uuid.uuid4())  # service principals' roles are their UUIDs
         self._secret = "bench-" + uuid.uuid4().hex
+        self._token = ""  # the database credential, once minted
         self.tls: TlsFiles | None = None
         self.cluster: PgCluster | None = None
         self.workspace: _FixedCredentialWorkspace | None = None
@@ -270,6 +271,7 @@ class Stack:
         self._ws_thread = _WorkspaceThread(self.workspace)
         self._ws_thread.start()
         token, _ = self.workspace.issue_credential()
+        self._token = token
         quoted_token = token.replace("'", "''")
         self.cluster.psql(f"CREATE ROLE \"{self.role}\" LOGIN PASSWORD '{quoted_token}'")
         self.cluster.psql(f'CREATE DATABASE {DATABASE} OWNER "{self.role}"')
@@ -281,7 +283,7 @@ class Stack:
             env={"PGPASSWORD": token},
         )
         if "pgbouncer" in self.names:
-            self._start_pgbouncer(token)
+            self._start_pgbouncer()
         if "lakeproxy" in self.names:
             self._start_lakeproxy()
 
@@ -299,9 +301,21 @@ class Stack:
 
     # ------------------------------------------------------------------ proxies
 
-    def _start_pgbouncer(self, token: str) -> None:
+    def restart(self, name: TargetName) -> Target:
+        """Stop and start a proxy (a fresh process, nothing pooled or cached);
+        return its new :class:`Target`, also in :attr:`targets`."""
+        if name == "pgbouncer":
+            _stop(self._pgbouncer)
+            self._start_pgbouncer()
+        elif name == "lakeproxy":
+            _stop(self._lakeproxy)
+            self._start_lakeproxy()
+        return self.targets[name]
+
+    def _start_pgbouncer(self) -> None:
         assert self.cluster is not None
         assert self.tls is not None
+        token = self._token
         binary, version = find_pgbouncer()
         self.versions["pgbouncer"] = version
         home = self.workdir / "pgbouncer"
@@ -337,7 +351,7 @@ class Stack:
                 os.chown(p, pw.pw_uid, pw.pw_gid)
             run_as = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
         log = home / "pgbouncer.stderr"
-        with log.open("wb") as err:
+        with log.open("ab") as err:
             self._pgbouncer = subprocess.Popen(  # type: ignore[call-overload]
                 [str(binary), str(ini)],
                 stdin=subprocess.DEVNULL,
@@ -380,7 +394,7 @@ class Stack:
             }
         )
         log = self.workdir / "lakeproxy.log"
-        with log.open("wb") as err:
+        with log.open("ab") as err:
             self._lakeproxy = subprocess.Popen(
                 [sys.executable, "-m", "lakeproxy", "run"],
                 stdin=subprocess.DEVNULL,
