@@ -475,7 +475,6 @@ def main(argv: list[str] | None = None) -> int:
         proxy_cpus = peer_cpus = {all_cpus[-1]}
     elif args.pin == "split" and len(all_cpus) >= 2:
         proxy_cpus, peer_cpus = {all_cpus[-1]}, set(all_cpus[:-1])
-    _pin(peer_cpus)
     ctx = mp.get_context("spawn")
     listener = socket.create_server(("127.0.0.1", 0), backlog=64)
     upstream_addr = ("127.0.0.1", int(listener.getsockname()[1]))
@@ -486,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     proxies: list[_Proxy] = []
     started = time.perf_counter()
     try:
+        _pin(peer_cpus)  # this process is the source; restored below
         for relay in relays:
             if relay == "direct":
                 proxies.append(_Proxy("-", "direct", upstream_addr[1]))
@@ -520,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError), socket.create_connection(upstream_addr) as q:
             q.sendall(HEADER.pack(b"Q", 0, 0))
         upstream_proc.join(10)
+        os.sched_setaffinity(0, all_cpus)
     elapsed = time.perf_counter() - started
     ordered = sorted(
         series.values(),

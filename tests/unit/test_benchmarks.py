@@ -90,3 +90,23 @@ def test_side_by_side_harness_smoke(tmp_path: Path) -> None:
     assert doc["results"]["pgbouncer"]["idle_kib_per_session"]["runs"]
     assert doc["results"]["pgbouncer"]["copy_in_cpu_s_per_gb"]["runs"]
     assert (tmp_path / "smoke.md").read_text().startswith("# lakeproxy benchmark")
+
+
+def test_splice_micro_restores_cpu_affinity() -> None:
+    before = os.sched_getaffinity(0)
+    splice_micro.main(
+        [
+            "--quick",
+            "--bulk-mib",
+            "1",
+            "--small-mib",
+            "1",
+            "--round-trips",
+            "10",
+            "--loops",
+            "uvloop",
+            "--relays",
+            "splice",
+        ]
+    )
+    assert os.sched_getaffinity(0) == before
