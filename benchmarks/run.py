@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     max_conn = max(200, args.idle + 100)
     with Stack(args.targets, max_connections=max_conn, keep=args.keep) as stack:
         log(f"work directory {stack.workdir}")
+        log("using " + ", ".join(stack.versions.values()))
         bench = Bench(stack, args)
         bench.prepare()
         bench.run()
