@@ -21,6 +21,12 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest || [ $$? -eq 5 ]  # 5: no tests collected
 
+# Coverage-guided fuzzing of the client-facing wire layer (atheris); new corpus
+# entries and crash-* files go to build/fuzz/. FUZZ_SECONDS=3600 for the long run.
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	$(BIN)/python tests/fuzz/fuzz_wire.py -max_total_time=$(FUZZ_SECONDS)
+
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
 
