@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     started = time.perf_counter()
     stamp = dt.datetime.now(dt.UTC)
+    load_start = os.getloadavg()[0]
     max_conn = max(200, args.idle + 100)
     with Stack(args.targets, max_connections=max_conn, keep=args.keep) as stack:
         log(f"work directory {stack.workdir}")
@@ -326,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         versions = dict(stack.versions)
     versions["pgbench"] = version_of([PGBENCH, "--version"])
     elapsed = time.perf_counter() - started
+    # Others' work on the machine competes for the same cores: record it.
+    versions["load average (1 min) at start / end"] = f"{load_start:.2f} / {os.getloadavg()[0]:.2f}"
     machine = describe(**versions)
     metric_list = report.metrics(
         copy_mb=round(bench.copy_bytes / 1e6), idle=args.idle, connect_clients=args.connect_clients

@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
             get_args(RelayName).index(s.relay),
         ),
     )
-    machine = describe()
+    machine = describe(**{"load average (1 min) at end": f"{os.getloadavg()[0]:.2f}"})
     print("## lakeproxy splice micro-benchmark\n")
     print(markdown(machine))
     print(report(ordered, args))
