@@ -1,0 +1,285 @@
+"""Real clients through lakeproxy in front of the Lakebase emulator.
+
+psql, psycopg (pipeline mode, 50 MB COPY each way), asyncpg (prepared
+statements, a million rows), LISTEN/NOTIFY, cancel and pg_terminate_backend:
+everything after the login is the splice, so these show that bytes pass
+untouched, in order, with flow control, and that the process ID and the cancel
+key are handled as the SPEC says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import sys
+import time
+
+import psycopg
+import pytest
+
+from lakeproxy.emulator import Emulator
+from lakeproxy.wire.codec import CancelRequest, ErrorResponse, ReadyForQuery, encode
+
+from .conftest import ProxyFactory
+from .proxy_rig import CLIENT_USER, DATABASE, RawClient, query_bytes
+
+COPY_BYTES = 50 * 1024 * 1024
+
+
+async def test_psql_current_user_and_database(emulator: Emulator, proxy: ProxyFactory) -> None:
+    async with asyncio.timeout(30):
+        p = await proxy(emulator)
+        out = await p.psql("SELECT current_user, current_database()")
+    assert out == f"{emulator.role}|{DATABASE}\n"
+
+
+async def test_psql_names_another_database(emulator: Emulator, proxy: ProxyFactory) -> None:
+    """The database a client names is passed through (and its error comes back unchanged)."""
+    async with asyncio.timeout(30):
+        p = await proxy(emulator)
+        assert await p.psql("SELECT current_database()", dbname="postgres") == "postgres\n"
+        code, _, err = await p.run_psql("SELECT 1", dbname="no_such_db")
+    assert code == 2
+    assert 'database "no_such_db" does not exist' in err
+
+
+async def test_psycopg_pipeline_mode(emulator: Emulator, proxy: ProxyFactory) -> None:
+    async with asyncio.timeout(30):
+        p = await proxy(emulator)
+        async with await p.psycopg(application_name="pipeline-test") as conn:
+            async with conn.pipeline() as pipeline:
+                cursors = [await conn.execute("SELECT %s::int * 2", (i,)) for i in range(200)]
+                who = await conn.execute(
+                    "SELECT current_setting('application_name'), current_user")
+                await pipeline.sync()
+            assert [(await c.fetchone()) for c in cursors] == [(i * 2,) for i in range(200)]
+            assert await who.fetchone() == ("pipeline-test", emulator.role)
+
+
+def _copy_rows(total: int) -> list[bytes]:
+    """COPY text rows ``n<TAB>hex\\n`` of random data, about ``total`` bytes in all."""
+    blob = os.urandom(total // 2).hex().encode()
+    width = 4000
+    return [b"%d\t%s\n" % (n, blob[start:start + width])
+            for n, start in enumerate(range(0, len(blob), width), 1)]
+
+
+async def test_psycopg_copy_in_and_out_50mb(emulator: Emulator, proxy: ProxyFactory) -> None:
+    rows = _copy_rows(COPY_BYTES)
+    sent = hashlib.sha256()
+    for row in rows:
+        sent.update(row)
+    async with asyncio.timeout(90):
+        p = await proxy(emulator)
+        async with await p.psycopg() as conn:
+            await conn.execute("CREATE TEMP TABLE blob (n int PRIMARY KEY, data text)")
+            async with conn.cursor() as cur:
+                async with cur.copy("COPY blob (n, data) FROM STDIN") as copy:
+                    batch: list[bytes] = []
+                    for row in rows:
+                        batch.append(row)
+                        if len(batch) == 64:
+                            await copy.write(b"".join(batch))
+                            batch.clear()
+                    await copy.write(b"".join(batch))
+                assert cur.rowcount == len(rows)
+                received = hashlib.sha256()
+                nbytes = 0
+                async with cur.copy("COPY (SELECT n, data FROM blob ORDER BY n) TO STDOUT") \
+                        as copy:
+                    async for chunk in copy:
+                        received.update(chunk)
+                        nbytes += len(chunk)
+    assert nbytes == sum(len(r) for r in rows) >= COPY_BYTES
+    assert received.hexdigest() == sent.hexdigest()
+
+
+async def test_asyncpg_prepared_statements_and_a_million_rows(
+    emulator: Emulator, proxy: ProxyFactory,
+) -> None:
+    async with asyncio.timeout(60):
+        p = await proxy(emulator)
+        conn = await p.asyncpg(ssl="prefer")  # the proxy answers the SSLRequest with 'N'
+        try:
+            stmt = await conn.prepare("SELECT $1::int + $2::int AS s, current_user AS u")
+            for i in range(50):
+                row = await stmt.fetchrow(i, 1)
+                assert row is not None
+                assert (row["s"], row["u"]) == (i + 1, emulator.role)
+            assert [a.name for a in stmt.get_attributes()] == ["s", "u"]
+            rows = await conn.fetch("SELECT g FROM generate_series(1, 1000000) g")
+            assert len(rows) == 1_000_000
+            assert sum(r[0] for r in rows) == 1_000_000 * 1_000_001 // 2
+            many = await conn.fetchval(
+                "SELECT count(*) FROM (SELECT $1::text FROM generate_series(1, $2)) s",
+                "x", 1000)
+            assert many == 1000
+        finally:
+            await conn.close()
+
+
+async def test_listen_notify_across_two_sessions(emulator: Emulator, proxy: ProxyFactory) -> None:
+    async with asyncio.timeout(30):
+        p = await proxy(emulator)
+        listener = await p.asyncpg()
+        sender = await p.asyncpg()
+        got: asyncio.Queue[tuple[int, str, str]] = asyncio.Queue()
+        try:
+            await listener.add_listener(
+                "lakeproxy_test",
+                lambda _c, pid, channel, payload: got.put_nowait((pid, channel, payload)))
+            sender_pid = await sender.fetchval("SELECT pg_backend_pid()")
+            # The pid from BackendKeyData (what the client was told) is the backend's.
+            assert sender.get_server_pid() == sender_pid
+            await sender.execute("SELECT pg_notify('lakeproxy_test', 'hello through the proxy')")
+            pid, channel, payload = await asyncio.wait_for(got.get(), 5)
+        finally:
+            await listener.close()
+            await sender.close()
+    assert (pid, channel, payload) == (sender_pid, "lakeproxy_test", "hello through the proxy")
+
+
+async def test_psycopg_cancel_safe_of_pg_sleep(emulator: Emulator, proxy: ProxyFactory) -> None:
+    async with asyncio.timeout(30):
+        p = await proxy(emulator)
+        async with await p.psycopg() as conn:
+            query = asyncio.create_task(conn.execute("SELECT pg_sleep(30)"))
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            await conn.cancel_safe(timeout=5)
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                await query
+            assert time.monotonic() - started < 2
+            cur = await conn.execute("SELECT 1")
+            assert await cur.fetchone() == (1,)
+
+
+#: Run in a child process: libpq's PQcancel (psycopg's ``conn.cancel()``) holds
+#: the GIL while it waits for the server to close the cancel connection, so it
+#: cannot run in the process that hosts the proxy.
+_CANCEL_SCRIPT = """
+import sys, threading, time, psycopg
+conn = psycopg.connect(sys.argv[1], autocommit=True)
+def cancel_soon():
+    time.sleep(0.5)
+    global started
+    started = time.monotonic()
+    conn.cancel()
+threading.Thread(target=cancel_soon).start()
+try:
+    conn.execute("SELECT pg_sleep(30)")
+    print("not cancelled")
+except psycopg.errors.QueryCanceled as exc:
+    print(exc.sqlstate, round(time.monotonic() - started, 3))
+print(conn.execute("SELECT 1").fetchone()[0])
+"""
+
+
+async def test_psycopg_cancel_of_pg_sleep(emulator: Emulator, proxy: ProxyFactory) -> None:
+    async with asyncio.timeout(30):
+        p = await proxy(emulator)
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _CANCEL_SCRIPT, p.conninfo(),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await child.communicate()
+    assert child.returncode == 0, err.decode()
+    cancelled, took, one = out.decode().split()
+    assert (cancelled, one) == ("57014", "1")
+    assert float(took) < 2
+
+
+async def test_asyncpg_timeout_cancels_pg_sleep(emulator: Emulator, proxy: ProxyFactory) -> None:
+    async with asyncio.timeout(30):
+        p = await proxy(emulator)
+        conn = await p.asyncpg()
+        try:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await conn.fetch("SELECT pg_sleep(30)", timeout=0.5)
+            # asyncpg sent a CancelRequest and waits for the query to end: only a
+            # cancel that reached the backend makes the next query this quick.
+            assert await conn.fetchval("SELECT 42") == 42
+            assert time.monotonic() - started < 2
+        finally:
+            await conn.close()
+
+
+async def test_cancel_key_is_lakeproxys(emulator: Emulator, proxy: ProxyFactory) -> None:
+    """The client holds lakeproxy's secret (not the endpoint's); a CancelRequest with
+    it cancels, one with any other secret is dropped."""
+    async with asyncio.timeout(30):
+        p = await proxy(emulator)
+        client = await RawClient.open(p.port)
+        try:
+            key = await client.login({"user": CLIENT_USER, "database": DATABASE})
+            target = p.server.cancels.lookup(key.process_id, key.secret)
+            assert target is not None
+            assert target.process_id == key.process_id
+            assert target.secret != key.secret
+
+            client.send(query_bytes("SELECT pg_sleep(30)"))
+            await asyncio.sleep(0.3)
+            wrong = await RawClient.open(p.port)
+            wrong.send(encode(CancelRequest(key.process_id, bytes(b ^ 0xFF for b in key.secret))))
+            assert await wrong.read_until_closed() == []
+            await wrong.close()
+            await asyncio.sleep(0.5)
+            assert client.frames.buffered == 0  # still running
+
+            started = time.monotonic()
+            right = await RawClient.open(p.port)
+            right.send(encode(CancelRequest(key.process_id, key.secret)))
+            assert await right.read_until_closed() == []
+            await right.close()
+            errors: list[ErrorResponse] = []
+            while not isinstance(msg := await client.read_message(), ReadyForQuery):
+                assert msg is not None
+                if isinstance(msg, ErrorResponse):
+                    errors.append(msg)
+            assert time.monotonic() - started < 2
+            assert [e.sqlstate for e in errors] == ["57014"]
+        finally:
+            await client.close()
+
+
+async def test_pg_terminate_backend_of_a_proxied_session(
+    emulator: Emulator, proxy: ProxyFactory,
+) -> None:
+    async with asyncio.timeout(30):
+        p = await proxy(emulator)
+        async with await p.psycopg() as victim, await p.psycopg() as killer:
+            pid = victim.info.backend_pid
+            cur = await victim.execute("SELECT pg_backend_pid()")
+            assert await cur.fetchone() == (pid,)
+            cur = await killer.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+            assert await cur.fetchone() == (True,)
+            with pytest.raises(psycopg.OperationalError) as info:
+                await victim.execute("SELECT 1")
+            assert info.value.sqlstate in ("57P01", None)  # None: libpq saw only the close
+            assert victim.closed or victim.broken
+            cur = await killer.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s",
+                                       (pid,))
+            assert await cur.fetchone() == (0,)
+
+
+async def test_many_sessions_at_once(emulator: Emulator, proxy: ProxyFactory) -> None:
+    """20 concurrent clients each run queries; every one sees its own backend."""
+    async with asyncio.timeout(60):
+        p = await proxy(emulator)
+
+        async def one(i: int) -> int:
+            conn = await p.asyncpg()
+            try:
+                pid: int = await conn.fetchval("SELECT pg_backend_pid()")
+                assert conn.get_server_pid() == pid
+                total = await conn.fetchval("SELECT sum(g) FROM generate_series(1, $1) g", i)
+                assert total == i * (i + 1) // 2
+                return pid
+            finally:
+                await conn.close()
+
+        pids = await asyncio.gather(*(one(i) for i in range(1, 21)))
+    assert len(set(pids)) == 20
+    assert isinstance(pids[0], int)
