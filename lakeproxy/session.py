@@ -263,6 +263,12 @@ class Session:
             else:
                 self.record.outcome = "client_gone"
             self.transport.abort()
+        except (ssl.SSLError, ConnectionError) as exc:
+            # Only the client's TLS handshake raises these here (garbage after 'S',
+            # a cut ClientHello, a reset): the client's fault, and no one to tell.
+            self.record.outcome = "client_error" if isinstance(exc, ssl.SSLError) else "client_gone"
+            self.record.error = type(exc).__name__
+            self.transport.abort()
         except Exception as exc:
             log.exception("session %s: internal error", self.record.client)
             self._fail(LakeproxyError(f"internal error: {type(exc).__name__}"))
