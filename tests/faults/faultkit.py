@@ -100,9 +100,9 @@ async def raw_login(port: int, *, database: str = "databricks_postgres",
 
 
 def conninfo(port: int, **extra: str) -> str:
-    return psycopg.conninfo.make_conninfo(
-        host="127.0.0.1", port=port, dbname="databricks_postgres", user="faulty",
-        sslmode="disable", connect_timeout="20", **extra)
+    params = {"host": "127.0.0.1", "port": str(port), "dbname": "databricks_postgres",
+              "user": "faulty", "sslmode": "disable", "connect_timeout": "20", **extra}
+    return psycopg.conninfo.make_conninfo(**params)
 
 
 async def connect(port: int) -> psycopg.AsyncConnection[tuple[object, ...]]:
