@@ -69,7 +69,12 @@ class ScramAuthenticator:
                         f"client selected an invalid SASL authentication mechanism: "
                         f"{msg.mechanism}"
                     )
-                self._server.set_client_first(msg.data.decode("utf-8"))
+                first = msg.data.decode("utf-8")
+                stand_in = _with_user_name(first)
+                self._server.set_client_first(stand_in)
+                if stand_in != first:
+                    # The proof covers the message as the client sent it.
+                    self._server.client_first_bare = _bare(first)
                 self._step = 1
                 first = self._server.get_server_first().encode()
                 return encode(AuthenticationSASLContinue(first)), PasswordKind.SASL_RESPONSE
@@ -83,6 +88,29 @@ class ScramAuthenticator:
             raise _auth_failed() from exc
         except UnicodeDecodeError as exc:
             raise ClientProtocolError("malformed SCRAM message") from exc
+
+
+def _bare(client_first: str) -> str:
+    """client-first-message-bare: what follows the GS2 header ``n,,`` (RFC 5802)."""
+    parts = client_first.split(",", 2)
+    if len(parts) < 3:
+        raise ClientProtocolError("malformed SCRAM client-first-message")
+    return parts[2]
+
+
+def _with_user_name(client_first: str) -> str:
+    """``client_first`` with a stand-in for an empty user name.
+
+    libpq sends ``n=,`` (PostgreSQL ignores the SCRAM user name and uses the
+    startup packet's), which scramp refuses as an empty attribute. scramp only
+    passes the name to the (name-blind) verifier lookup, so a stand-in is
+    harmless; the caller restores the original bare message for the proof.
+    """
+    bare = _bare(client_first)
+    if not bare.startswith("n=,"):
+        return client_first
+    header = client_first[: len(client_first) - len(bare)]
+    return header + "n=*" + bare[len("n="):]
 
 
 def _auth_failed() -> ClientAuthFailed:
