@@ -56,6 +56,16 @@ log = logging.getLogger("lakeproxy.session")
 #: Each message a client owes before its session starts must arrive within this.
 LOGIN_MESSAGE_TIMEOUT: Final = 10.0
 
+#: A TLS handshake record starts with this byte. A client using direct TLS (libpq
+#: 17+ ``sslnegotiation=direct``) opens with its ClientHello instead of an
+#: SSLRequest; a startup packet never starts with it (its length would be > 10000).
+TLS_HANDSHAKE_RECORD: Final = 0x16
+
+_TLS_RECORD: Final = bytes((TLS_HANDSHAKE_RECORD,))
+
+#: The ALPN protocol a direct TLS client must offer (as PostgreSQL 17 requires).
+ALPN_POSTGRESQL: Final = "postgresql"
+
 
 class Upstream(Protocol):
     """A logged-in endpoint connection, ready to splice."""
@@ -142,6 +152,18 @@ class _ClientGone(Exception):
     pass
 
 
+class _DirectTLS:
+    """The client opened with a TLS ClientHello (direct TLS) instead of a startup packet."""
+
+
+class _BufferedReceiver(Protocol):
+    """The part of asyncio's and uvloop's SSLProtocol used to hand it bytes already read."""
+
+    def get_buffer(self, sizehint: int) -> memoryview: ...
+
+    def buffer_updated(self, nbytes: int) -> None: ...
+
+
 class ClientProtocol(asyncio.Protocol):
     """Owns the accepted transport until the splice takes it over."""
 
@@ -157,6 +179,9 @@ class ClientProtocol(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self.gone = False
         self.protocol_error: ProtocolError | None = None
+        self._got_data = False
+        #: The bytes of a direct TLS ClientHello, read before the TLS layer took over.
+        self.direct_tls: bytearray | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -172,6 +197,15 @@ class ClientProtocol(asyncio.Protocol):
         task.add_done_callback(done)
 
     def data_received(self, data: bytes) -> None:
+        if self.direct_tls is not None:  # the rest of a ClientHello
+            self.direct_tls += data
+            return
+        if not self._got_data:
+            self._got_data = True
+            if data[:1] == _TLS_RECORD and self._hooks.tls_context is not None:
+                self.direct_tls = bytearray(data)
+                self._wake()
+                return
         try:
             self.handshake.receive_data(data)
         except ProtocolError as exc:  # the framing refused a length
@@ -196,11 +230,18 @@ class ClientProtocol(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_result(None)
 
-    async def next_event(self, deadline: float) -> Event:
+    def take_direct_tls(self) -> bytes:
+        """The ClientHello bytes read so far (call once TLS owns the transport)."""
+        data, self.direct_tls = bytes(self.direct_tls or b""), None
+        return data
+
+    async def next_event(self, deadline: float) -> Event | _DirectTLS:
         """The next handshake event; raises on timeout, EOF or a protocol error."""
         while True:
             if self.protocol_error is not None:
                 raise self.protocol_error
+            if self.direct_tls is not None:
+                return _DirectTLS()
             ev = self.handshake.next_event()
             if ev is not NEED_DATA:
                 return ev
@@ -280,6 +321,12 @@ class Session:
         tls_on = False
         while True:
             ev = await conn.next_event(loop.time() + LOGIN_MESSAGE_TIMEOUT)
+            if isinstance(ev, _DirectTLS):
+                if hooks.tls_context is None:  # pragma: no cover - only seen with TLS set
+                    raise ClientProtocolError("unexpected TLS handshake")
+                await self._start_tls(hooks.tls_context, direct=True)
+                tls_on = True
+                continue
             if isinstance(ev, SSLRequested):
                 ctx = None if tls_on else hooks.tls_context
                 self.transport.write(conn.handshake.answer_ssl(ctx is not None))
@@ -335,16 +382,46 @@ class Session:
             raise _ClientGone
         await self._relay_startup(upstream)
 
-    async def _start_tls(self, ctx: ssl.SSLContext) -> None:
+    async def _start_tls(self, ctx: ssl.SSLContext, *, direct: bool = False) -> None:
+        """Upgrade the client connection to TLS (after 'S', or ``direct``: the
+        ClientHello has been read already). Raises _ClientGone, ClientProtocolError."""
         loop = asyncio.get_running_loop()
-        new = await loop.start_tls(
-            self.transport, self.conn, ctx, server_side=True,
-            ssl_handshake_timeout=LOGIN_MESSAGE_TIMEOUT,
+        old = self.transport
+        starting = loop.start_tls(
+            old, self.conn, ctx, server_side=True, ssl_handshake_timeout=LOGIN_MESSAGE_TIMEOUT,
         )
+        if not direct:
+            new = await starting
+        else:
+            task = asyncio.ensure_future(starting)
+            try:
+                # start_tls swaps the transport's protocol before it first waits and
+                # resumes reading only a loop iteration later: in between, hand the
+                # TLS protocol the bytes already read (asyncio's and uvloop's both
+                # buffer them until the handshake starts).
+                for _ in range(100):
+                    if task.done() or old.get_protocol() is not self.conn:
+                        break
+                    await asyncio.sleep(0)
+                tls_protocol = old.get_protocol()
+                if tls_protocol is not self.conn:
+                    _feed(cast(_BufferedReceiver, tls_protocol), self.conn.take_direct_tls())
+                new = await task
+            except BaseException:
+                task.cancel()
+                raise
         if new is None:
             raise _ClientGone
         self.transport = new
         self.conn.transport = new
+        if direct:
+            obj = new.get_extra_info("ssl_object")
+            alpn = obj.selected_alpn_protocol() if isinstance(obj, ssl.SSLObject) else None
+            if alpn != ALPN_POSTGRESQL:
+                raise ClientProtocolError(
+                    "received direct TLS connection request without ALPN protocol "
+                    f"negotiation extension ({ALPN_POSTGRESQL!r})"
+                )
 
     async def _authenticate_client(self, auth: ClientAuthenticator) -> None:
         loop = asyncio.get_running_loop()
@@ -418,6 +495,17 @@ class Session:
         raw = exc.raw if isinstance(exc, UpstreamRejected) else encode(_client_error(exc))
         self.transport.write(raw)
         self.transport.close()
+
+
+def _feed(protocol: _BufferedReceiver, data: bytes) -> None:
+    """Give ``protocol`` bytes as if its transport had just read them."""
+    view = memoryview(data)
+    while view:
+        buf = protocol.get_buffer(len(view))
+        n = min(len(buf), len(view))
+        buf[:n] = view[:n]
+        protocol.buffer_updated(n)
+        view = view[n:]
 
 
 def _client_error(exc: LakeproxyError) -> ErrorResponse:
