@@ -9,10 +9,11 @@ configuration on SIGHUP.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import ssl
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 
 from lakeproxy.auth.cache import CachedCredentials
 from lakeproxy.auth.databricks import DatabricksApi
@@ -139,6 +140,7 @@ class Runtime:
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
+        self._tasks: set[asyncio.Task[None]] = set()
         self.dialers = [build_dialer(config, ep, metrics) for ep in config.endpoints]
         verifier = (
             ScramVerifier.from_password(config.client_password)
@@ -160,7 +162,7 @@ class Runtime:
         await self.server.start()
         if warm:
             for d in self.dialers:
-                asyncio.get_running_loop().create_task(self._warm(d))
+                self._spawn(self._warm(d))
 
     async def _warm(self, dialer: EndpointDialer) -> None:
         loop = asyncio.get_running_loop()
@@ -181,20 +183,53 @@ class Runtime:
         if [ep.listen for ep in new.endpoints] != [ep.listen for ep in self.config.endpoints]:
             log.warning("reload: listener changes need a restart; other changes apply")
         old = self.dialers
+        kept: list[EndpointDialer] = []
         try:
-            dialers = [build_dialer(new, ep, self.metrics) for ep in new.endpoints]
+            dialers: list[EndpointDialer] = []
+            for i, ep in enumerate(new.endpoints):
+                prev = old[i] if i < len(old) else None
+                if prev is not None and _same_upstream(self.config, prev.config, new, ep):
+                    # Same identity and endpoint: keep the dialer and its credentials.
+                    kept.append(prev)
+                    dialers.append(prev)
+                else:
+                    dialers.append(build_dialer(new, ep, self.metrics))
         except (LakeproxyError, OSError, ssl.SSLError) as exc:
             log.error("reload failed, keeping the old configuration: %s", exc)
             return
         self.config = new
         self.dialers = dialers
-        self.server.reconfigure(new, [Endpoint(d.config, d, d.credentials.ready)
-                                      for d in dialers])
+        self.server.reconfigure(new, [Endpoint(ep, d, d.credentials.ready)
+                                      for ep, d in zip(new.endpoints, dialers, strict=True)])
         log.info("configuration reloaded from %s", new.config_file or "environment")
+        for d in dialers:
+            if not any(d is k for k in kept):
+                self._spawn(self._warm(d))  # readiness needs a credential for each
         for d in old:
-            asyncio.get_running_loop().create_task(d.close())
+            if not any(d is k for k in kept):
+                self._spawn(d.close())
+
+    def _spawn(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
         for d in self.dialers:
             await d.close()
+
+
+def _same_upstream(
+    old_config: Config, old: EndpointConfig, new_config: Config, new: EndpointConfig
+) -> bool:
+    """True when a reload leaves how ``old`` is reached unchanged (so its dialer and
+    cached credentials can be kept); ``database`` and ``listen`` do not matter here."""
+    return old_config.databricks == new_config.databricks and (
+        dataclasses.replace(old, database="", listen=())
+        == dataclasses.replace(new, database="", listen=())
+    )
 

@@ -63,6 +63,7 @@ class ProxyServer:
         self._unix_paths: list[str] = []
         self._current: list[SessionHooks] = []
         self.bound: list[str] = []
+        metrics.set_live_bytes(self._live_bytes)
 
     # -- ReadinessSource ---------------------------------------------------
 
@@ -72,6 +73,15 @@ class ProxyServer:
 
     def credentials_ready(self) -> bool:
         return all(ep.credentials_ready() for ep in self.endpoints)
+
+    def _live_bytes(self) -> tuple[int, int]:
+        """Bytes spliced so far by sessions not yet counted as finished (read per scrape)."""
+        up = down = 0
+        for s in self.sessions:
+            if s.splice is not None:
+                up += s.splice.bytes_up
+                down += s.splice.bytes_down
+        return up, down
 
     # -- start / stop -------------------------------------------------------
 
