@@ -212,6 +212,13 @@ class RawClient:
             self.frames.feed(data)
         return decode_backend(frame)
 
+    async def expect_message(self) -> BackendMessage:
+        """The next backend message; AssertionError on EOF or an ErrorResponse."""
+        msg = await self.read_message()
+        assert msg is not None, "closed by the proxy"
+        assert not isinstance(msg, ErrorResponse), msg
+        return msg
+
     async def read_until_closed(self) -> list[BackendMessage]:
         """Every message up to EOF."""
         out: list[BackendMessage] = []
@@ -227,9 +234,7 @@ class RawClient:
         self.send(startup_bytes(params))
         key: BackendKeyData | None = None
         while True:
-            msg = await self.read_message()
-            assert msg is not None, "closed during login"
-            assert not isinstance(msg, ErrorResponse), msg
+            msg = await self.expect_message()
             if isinstance(msg, BackendKeyData):
                 key = msg
             if isinstance(msg, ReadyForQuery):

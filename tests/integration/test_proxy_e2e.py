@@ -19,10 +19,16 @@ import psycopg
 import pytest
 
 from lakeproxy.emulator import Emulator
-from lakeproxy.wire.codec import CancelRequest, ErrorResponse, ReadyForQuery, encode
+from lakeproxy.wire.codec import (
+    CancelRequest,
+    ErrorResponse,
+    OtherMessage,
+    ReadyForQuery,
+    encode,
+)
 
 from .conftest import ProxyFactory
-from .proxy_rig import CLIENT_USER, DATABASE, RawClient, query_bytes
+from .proxy_rig import CLIENT_USER, DATABASE, RawClient, query_bytes, startup_bytes
 
 COPY_BYTES = 50 * 1024 * 1024
 
@@ -242,6 +248,30 @@ async def test_cancel_key_is_lakeproxys(emulator: Emulator, proxy: ProxyFactory)
             assert [e.sqlstate for e in errors] == ["57014"]
         finally:
             await client.close()
+
+
+async def test_queries_sent_with_the_startup_arrive_in_order(
+    emulator: Emulator, proxy: ProxyFactory,
+) -> None:
+    """Bytes a client sends before its login completes wait, and go upstream
+    first once the splice starts, in order."""
+    async with asyncio.timeout(30):
+        p = await proxy(emulator)
+        client = await RawClient.open(p.port)
+        try:
+            client.send(startup_bytes({"user": CLIENT_USER, "database": DATABASE})
+                        + b"".join(query_bytes(f"SELECT {i}") for i in range(100)))
+            rows: list[bytes] = []
+            ready = 0
+            while ready < 101:  # the login's ReadyForQuery, then one per query
+                msg = await client.expect_message()
+                if isinstance(msg, ReadyForQuery):
+                    ready += 1
+                elif isinstance(msg, OtherMessage) and msg.tag == b"D":
+                    rows.append(msg.body[6:])  # one column: count, length, value
+        finally:
+            await client.close()
+    assert rows == [str(i).encode() for i in range(100)]
 
 
 async def test_pg_terminate_backend_of_a_proxied_session(
