@@ -12,13 +12,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shlex
+import signal
 import sys
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
 
 from lakeproxy.emulator import Emulator
+from lakeproxy.emulator.pgcluster import free_port
 from lakeproxy.wire.codec import (
     CancelRequest,
     ErrorResponse,
@@ -28,7 +32,7 @@ from lakeproxy.wire.codec import (
 )
 
 from .conftest import ProxyFactory
-from .proxy_rig import CLIENT_USER, DATABASE, RawClient, query_bytes, startup_bytes
+from .proxy_rig import CLIENT_USER, DATABASE, PSQL, RawClient, query_bytes, startup_bytes
 
 COPY_BYTES = 50 * 1024 * 1024
 
@@ -313,3 +317,47 @@ async def test_many_sessions_at_once(emulator: Emulator, proxy: ProxyFactory) ->
         pids = await asyncio.gather(*(one(i) for i in range(1, 21)))
     assert len(set(pids)) == 20
     assert isinstance(pids[0], int)
+
+
+async def test_lakeproxy_demo_prints_a_psql_line_that_works(tmp_path: Path) -> None:
+    """README's first command: ``lakeproxy demo`` starts the emulator and a proxy,
+    prints the psql line; that line works; Ctrl-C stops it with exit status 0."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PG", "DATABRICKS_", "LAKEPROXY_", "ENDPOINT_NAME"))}
+    env["LAKEPROXY_LISTEN"] = f"127.0.0.1:{port}"
+    log = tmp_path / "demo.stderr"
+    with log.open("wb") as stderr:
+        demo = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lakeproxy", "demo", stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=stderr, env=env, cwd=tmp_path,
+        )
+        try:
+            async with asyncio.timeout(60):
+                assert demo.stdout is not None
+                text = ""
+                while "Ctrl-C" not in text:  # the end of the ready message
+                    line = (await demo.stdout.readline()).decode()
+                    assert line, f"demo ended early:\n{text}\n{log.read_text()}"
+                    text += line
+                [psql_line] = [ln for ln in text.splitlines() if ln.strip().startswith("psql ")]
+                argv = shlex.split(psql_line)
+                assert f"port={port}" in argv[1]
+                psql = await asyncio.create_subprocess_exec(
+                    PSQL, "-X", "-A", "-t", *argv[1:], stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    env={"PATH": env.get("PATH", "/usr/bin"), "HOME": str(tmp_path)},
+                )
+                out, err = await psql.communicate()
+                assert psql.returncode == 0, err.decode()
+                user, _, database = out.decode().strip().partition("|")
+                assert f"as role {user}" in text
+                assert database == DATABASE
+                demo.send_signal(signal.SIGINT)
+                await demo.stdout.read()
+                assert await demo.wait() == 0, log.read_text()
+        finally:
+            if demo.returncode is None:
+                demo.kill()
+                await demo.wait()
+    assert "lakeproxy demo: stopped." in log.read_text()
