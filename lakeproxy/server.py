@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
 import socket
 import ssl
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -99,7 +101,10 @@ class ProxyServer:
                     return ClientProtocol(hooks, self.sessions, self._session_finished)
 
                 for listener in ep.config.listen:
-                    server = await self._bind(loop, listener, factory)
+                    try:
+                        server = await self._bind(loop, listener, factory)
+                    except OSError as exc:
+                        raise _bind_error(f"cannot listen on {listener.describe()}", exc) from exc
                     self._servers.append(server)
         except BaseException:
             await self.close_listeners()
@@ -113,9 +118,8 @@ class ProxyServer:
         factory: Callable[[], ClientProtocol],
     ) -> asyncio.Server:
         if listener.kind == "unix" and listener.path is not None:
-            path = os.path.join(listener.path, f".s.PGSQL.{listener.port}")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)  # a stale socket from a previous run
+            path = listener.path  # DIR/.s.PGSQL.PORT, the name libpq looks for
+            _remove_stale_socket(path)
             server = await loop.create_unix_server(factory, path=path, backlog=1024)
             # As PostgreSQL's default unix_socket_permissions; the directory guards access.
             os.chmod(path, 0o777)  # noqa: S103
@@ -235,6 +239,45 @@ class ProxyServer:
         log.log(level, "session end", extra=log_fields(**values))
 
 
+class _SocketPathInUse(OSError):
+    """The unix socket path is taken (see :func:`_remove_stale_socket`)."""
+
+
+def _bind_error(what: str, exc: OSError) -> OSError:
+    """``what: reason`` as an OSError whose text is that one line (errno kept)."""
+    if isinstance(exc, _SocketPathInUse) or not exc.errno:
+        reason = exc.strerror or str(exc)
+    else:
+        reason = os.strerror(exc.errno)  # uvloop's own text repeats the address
+    err = OSError(f"{what}: {reason}")
+    err.errno = exc.errno
+    return err
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file a previous run left behind.
+
+    Raises:
+        _SocketPathInUse: EADDRINUSE when a server still answers there, EEXIST
+        when the path is not a socket (neither is removed).
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise _SocketPathInUse(errno.EEXIST, "the path exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            pass  # nobody answers: stale
+        else:
+            raise _SocketPathInUse(errno.EADDRINUSE, "another server is listening there")
+    os.unlink(path)
+
+
 #: Session outcomes (SessionRecord.outcome) -> the metric's outcome label.
 _METRIC_OUTCOME: dict[str, Outcome] = {
     "ok": "ok",
@@ -276,7 +319,11 @@ def _install_signals(
 
 
 async def serve(config: Config, *, ready: Callable[[ProxyServer], None] | None = None) -> int:
-    """``lakeproxy run``: serve until SIGTERM/SIGINT, then drain. Returns the exit code."""
+    """``lakeproxy run``: serve until SIGTERM/SIGINT, then drain.
+
+    Returns the exit code: 0 after a drain, 1 when a listener or the admin
+    server cannot be bound (logged as one line).
+    """
     from lakeproxy.admin import AdminServer
     from lakeproxy.endpoint import Runtime
 
@@ -288,10 +335,20 @@ async def serve(config: Config, *, ready: Callable[[ProxyServer], None] | None =
     stop = asyncio.Event()
     remove_signals = _install_signals(loop, stop, runtime.reload)
     try:
-        if config.admin_listen is not None:
-            admin = AdminServer(server, metrics)
-            await admin.start(*config.admin_listen)
-        await runtime.start()
+        try:
+            if config.admin_listen is not None:
+                admin = AdminServer(server, metrics)
+                host, port = config.admin_listen
+                try:
+                    await admin.start(host, port)
+                except OSError as exc:
+                    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                    raise _bind_error(f"cannot serve the admin endpoints on {where}",
+                                      exc) from exc
+            await runtime.start()
+        except OSError as exc:
+            log.error("%s", exc)  # one line, no traceback: the address is the problem
+            return 1
         log.info(
             "lakeproxy listening on %s for %s%s",
             ", ".join(server.bound),
