@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import select
 import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +56,11 @@ log = logging.getLogger("lakeproxy.session")
 
 #: Each message a client owes before its session starts must arrive within this.
 LOGIN_MESSAGE_TIMEOUT: Final = 10.0
+
+#: While the endpoint is dialed, how often the client's socket is checked for a hang-up.
+HANG_UP_POLL: Final = 0.25
+#: poll() events that mean the peer closed (FIN: POLLRDHUP, Linux) or reset the connection.
+_HANG_UP_EVENTS: Final = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
 #: A TLS handshake record starts with this byte. A client using direct TLS (libpq
 #: 17+ ``sslnegotiation=direct``) opens with its ClientHello instead of an
@@ -371,9 +377,7 @@ class Session:
         self.connecting = True
         started = loop.time()
         try:
-            upstream = await hooks.dialer.connect(
-                params, deadline=started + hooks.connect_deadline
-            )
+            upstream = await self._dial(params, deadline=started + hooks.connect_deadline)
         finally:
             self.connecting = False
         hooks.on_upstream_connected(loop.time() - started)
@@ -381,6 +385,27 @@ class Session:
             upstream.transport.abort()
             raise _ClientGone
         await self._relay_startup(upstream)
+
+    async def _dial(self, params: dict[str, str], *, deadline: float) -> Upstream:
+        """Dial the endpoint; give up as soon as the client hangs up.
+
+        Reading is paused, so the client's EOF or reset would go unseen until
+        the login completed (a cold start takes seconds): its socket is polled
+        instead. Raises _ClientGone, or what the dialer raises.
+        """
+        task = asyncio.ensure_future(self.hooks.dialer.connect(params, deadline=deadline))
+        try:
+            while not task.done():
+                await asyncio.wait([task], timeout=HANG_UP_POLL)
+                if not task.done() and _hung_up(self.transport):
+                    raise _ClientGone
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.wait([task])
+                if not task.cancelled():
+                    task.exception()  # retrieved: the client is gone anyway
 
     async def _start_tls(self, ctx: ssl.SSLContext, *, direct: bool = False) -> None:
         """Upgrade the client connection to TLS (after 'S', or ``direct``: the
@@ -506,6 +531,21 @@ def _feed(protocol: _BufferedReceiver, data: bytes) -> None:
         buf[:n] = view[:n]
         protocol.buffer_updated(n)
         view = view[n:]
+
+
+def _hung_up(transport: asyncio.Transport) -> bool:
+    """True when the peer closed or reset the connection (checked without reading)."""
+    if transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), _HANG_UP_EVENTS)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):  # already closed
+        return True
 
 
 def _client_error(exc: LakeproxyError) -> ErrorResponse:
