@@ -10,7 +10,7 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import psycopg
 import pytest
@@ -24,6 +24,8 @@ from lakeproxy.wire import codec
 
 T = 30
 SSL_REQUEST = b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
+
+MakeEmulator = Callable[..., Awaitable[Emulator]]
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -150,3 +152,32 @@ async def test_half_close_after_a_write_delivers_it(emulator: Emulator) -> None:
         finally:
             await setup.execute("DROP TABLE IF EXISTS half_close")
             await setup.close()
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+async def test_client_gone_during_a_cold_start_stops_the_dial(
+    make_emulator: MakeEmulator, how: str
+) -> None:
+    """Regression: with reading paused during the dial, a client that hung up
+    while the endpoint woke went unnoticed until the login completed (seconds
+    later, and one endpoint session opened for no one)."""
+    emu = await make_emulator(wake_time=2.0)
+    async with asyncio.timeout(T), running_proxy(emu) as proxy:
+        await fresh_query(proxy.port)  # a credential is held; the compute is up
+        await emu.frontdoor.suspend()
+        reg = proxy.metrics.registry
+        logins_before = reg.get_sample_value("lakeproxy_upstream_connect_seconds_count")
+        _, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        writer.write(codec.encode(codec.StartupMessage(3, 0, {"user": "impatient"})))
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the proxy is now waiting for the wake
+        assert proxy.sessions == 1
+        if how == "close":
+            writer.close()
+        else:
+            rst(writer)
+        await wait_until(lambda: proxy.sessions == 0, 1.0, "the proxy to drop the dial")
+        await asyncio.sleep(2.5)  # past the wake
+        assert reg.get_sample_value("lakeproxy_upstream_connect_seconds_count") == logins_before
+        await wait_until(lambda: emu.frontdoor.sessions == 0, 5, "no endpoint session left")
+        await fresh_query(proxy.port)
