@@ -226,6 +226,7 @@ def error_response(
 # Encoding
 
 _U32_MAX: Final = 0xFFFF_FFFF
+_MINOR_MAX: Final = 0xFFFF
 _MIN_KEY: Final = 4
 _READY_STATUSES: Final = frozenset({"I", "T", "E"})
 
@@ -337,10 +338,13 @@ def encode(msg: Message) -> bytes:
                 raise ValueError("ReadyForQuery status must be 'I', 'T' or 'E'")
             return m.READY_FOR_QUERY.build(status.encode("ascii"))
         case NegotiateProtocolVersion(newest_minor=newest, unrecognized=options):
-            _check_u32("newest_minor", newest)
+            if not 0 <= newest <= _MINOR_MAX:
+                raise ValueError("newest_minor is out of range for a protocol minor version")
             for option in options:
                 _check_text("protocol option name", option)
-            return m.NEGOTIATE_PROTOCOL_VERSION.build((newest, list(options)))
+            # On the wire: the whole version number, 3.x (libpq refuses "pre-3.0").
+            version = (limits.PROTOCOL_3_0 >> 16) << 16 | newest
+            return m.NEGOTIATE_PROTOCOL_VERSION.build((version, list(options)))
         case ErrorResponse(fields=fields):
             return m.ERROR_RESPONSE.build(_check_fields(fields))
         case NoticeResponse(fields=fields):
@@ -486,8 +490,12 @@ def decode_backend(frame: bytes) -> BackendMessage:
     if tag == b"N":
         return NoticeResponse(_fields(m.NOTICE_RESPONSE.parse(frame)))
     if tag == b"v":
-        newest, options = m.NEGOTIATE_PROTOCOL_VERSION.parse(frame)
-        return NegotiateProtocolVersion(newest, tuple(options))
+        version, options = m.NEGOTIATE_PROTOCOL_VERSION.parse(frame)
+        if version >> 16 != limits.PROTOCOL_3_0 >> 16:
+            raise ProtocolError(
+                f"malformed NegotiateProtocolVersion: version {version >> 16}.{version & 0xFFFF}"
+            )
+        return NegotiateProtocolVersion(version & _MINOR_MAX, tuple(options))
     tag, body = m.ANY_TAGGED.parse(frame)
     return OtherMessage(tag, body)
 

@@ -282,12 +282,13 @@ READY_FOR_QUERY: Final = Layout[bytes](
     lambda v: {"status": v},
 )
 
-#: (newest minor version supported, unrecognised protocol options).
+#: (newest protocol version supported, unrecognised protocol options). The version is
+#: the whole number, major << 16 | minor, as PostgreSQL sends it (PG_PROTOCOL_LATEST).
 NEGOTIATE_PROTOCOL_VERSION: Final = Layout[tuple[int, list[str]]](
     "NegotiateProtocolVersion",
-    _tagged(b"v", "newest_minor" / Int32ub, "options" / PrefixedArray(Int32ub, _TEXT)),
-    lambda c: (int(c.newest_minor), [str(o) for o in c.options]),
-    lambda v: {"newest_minor": v[0], "options": v[1]},
+    _tagged(b"v", "newest_version" / Int32ub, "options" / PrefixedArray(Int32ub, _TEXT)),
+    lambda c: (int(c.newest_version), [str(o) for o in c.options]),
+    lambda v: {"newest_version": v[0], "options": v[1]},
 )
 
 #: (field code byte, value) pairs, ended on the wire by a zero code byte.

@@ -100,7 +100,7 @@ MESSAGES: dict[str, st.SearchStrategy[Message]] = {
     "BackendKeyData": st.builds(BackendKeyData, u32, key),
     "ReadyForQuery": st.builds(ReadyForQuery, st.sampled_from("ITE")),
     "NegotiateProtocolVersion": st.builds(
-        NegotiateProtocolVersion, u32, st.lists(text, max_size=4).map(tuple)
+        NegotiateProtocolVersion, st.integers(0, 0xFFFF), st.lists(text, max_size=4).map(tuple)
     ),
     "ErrorResponse": st.builds(ErrorResponse, fields),
     "NoticeResponse": st.builds(NoticeResponse, fields),

@@ -282,13 +282,13 @@ CASES: list[Case] = [
     ),
     Case(
         "negotiate",
-        b"v\x00\x00\x00\x15\x00\x00\x00\x00\x00\x00\x00\x01_pq_.foo\x00",
+        b"v\x00\x00\x00\x15\x00\x03\x00\x00\x00\x00\x00\x01_pq_.foo\x00",
         NegotiateProtocolVersion(0, ("_pq_.foo",)),
         decode_backend,
     ),
     Case(
         "negotiate-none",
-        b"v\x00\x00\x00\x0c\x00\x00\x00\x02\x00\x00\x00\x00",
+        b"v\x00\x00\x00\x0c\x00\x03\x00\x02\x00\x00\x00\x00",
         NegotiateProtocolVersion(2),
         decode_backend,
     ),
@@ -684,17 +684,24 @@ BAD: list[tuple[str, bytes, Decoder, str, str]] = [
     ("notice-empty", b"N\x00\x00\x00\x04", decode_backend, "08P01", "malformed NoticeResponse"),
     (
         "negotiate-count-too-big",
-        tagged(b"v", i32(0) + i32(2) + b"_pq_.a\x00"),
+        tagged(b"v", i32(3 << 16) + i32(2) + b"_pq_.a\x00"),
         decode_backend,
         "08P01",
         "malformed NegotiateProtocolVersion",
     ),
     (
         "negotiate-extra",
-        tagged(b"v", i32(0) + i32(0) + b"x"),
+        tagged(b"v", i32(3 << 16) + i32(0) + b"x"),
         decode_backend,
         "08P01",
         "malformed NegotiateProtocolVersion",
+    ),
+    (
+        "negotiate-pre-3.0",  # the version field is the whole number (3 << 16 | minor)
+        tagged(b"v", i32(0) + i32(0)),
+        decode_backend,
+        "08P01",
+        "malformed NegotiateProtocolVersion: version 0.0",
     ),
     # tagged 'p', frontend
     (
