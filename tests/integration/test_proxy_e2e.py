@@ -67,6 +67,25 @@ async def test_psycopg_pipeline_mode(emulator: Emulator, proxy: ProxyFactory) ->
             assert await who.fetchone() == ("pipeline-test", emulator.role)
 
 
+@pytest.mark.skipif(psycopg.pq.version() < 180000, reason="libpq < 18 cannot ask for 3.2")
+async def test_libpq_asking_for_protocol_3_2_is_negotiated_down(
+    emulator: Emulator, proxy: ProxyFactory,
+) -> None:
+    """libpq 18 with max_protocol_version=3.2 gets NegotiateProtocolVersion (3.0) and
+    goes on at 3.0, cancel included."""
+    async with asyncio.timeout(30):
+        p = await proxy(emulator)
+        async with await p.psycopg(max_protocol_version="3.2") as conn:
+            assert conn.pgconn.protocol_version == 3
+            cur = await conn.execute("SELECT current_user")
+            assert await cur.fetchone() == (emulator.role,)
+            query = asyncio.create_task(conn.execute("SELECT pg_sleep(30)"))
+            await asyncio.sleep(0.3)
+            await conn.cancel_safe(timeout=5)
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                await query
+
+
 def _copy_rows(total: int) -> list[bytes]:
     """COPY text rows ``n<TAB>hex\\n`` of random data, about ``total`` bytes in all."""
     blob = os.urandom(total // 2).hex().encode()
