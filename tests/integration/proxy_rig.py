@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import asyncpg
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from lakeproxy.config import load_config
 from lakeproxy.emulator import Emulator, PgCluster
@@ -83,7 +84,7 @@ class Proxy:
         """A libpq connection string for this proxy (no password, any user name)."""
         params = {"host": "127.0.0.1", "port": str(self.port),
                   "dbname": dbname or self.database, "user": CLIENT_USER, **extra}
-        return " ".join(f"{k}={v}" for k, v in params.items())
+        return make_conninfo("", **params)
 
     async def run_psql(self, sql: str, *, dbname: str | None = None,
                        timeout: float = 30.0) -> tuple[int, str, str]:
