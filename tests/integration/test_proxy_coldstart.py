@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from lakeproxy.emulator import Emulator
+from lakeproxy.emulator.api import POSTGRES_CREDENTIALS_PATH
 from lakeproxy.emulator.pgcluster import free_port
 
 from .conftest import ProxyFactory
@@ -65,3 +66,27 @@ async def test_endpoint_down_gives_08006_at_the_deadline(
     assert exc.message.startswith("lakeproxy:"), exc.message
     assert exc.hint
     assert 2.5 <= took <= 4.0
+
+
+async def test_a_herd_of_clients_during_a_wake_all_get_in(
+    make_emulator: MakeEmulator, proxy: ProxyFactory,
+) -> None:
+    """30 clients arrive at once at a suspended endpoint (say, a pool filling up):
+    one credential call, one wake, every client served."""
+    emu = await make_emulator(wake_time=3.0, wake_error_time=1.0)
+    await emu.frontdoor.suspend()
+    async with asyncio.timeout(30):
+        p = await proxy(emu, warm=False)
+
+        async def one() -> int:
+            conn = await p.asyncpg()
+            try:
+                pid: int = await conn.fetchval("SELECT pg_backend_pid()")
+                return pid
+            finally:
+                await conn.close()
+
+        pids = await asyncio.gather(*(one() for _ in range(30)))
+    assert len(set(pids)) == 30
+    assert emu.frontdoor.wakes == 1
+    assert emu.workspace.calls[POSTGRES_CREDENTIALS_PATH] == 1

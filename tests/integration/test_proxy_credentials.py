@@ -15,7 +15,11 @@ import pytest
 import pytest_asyncio
 
 from lakeproxy.emulator import Emulator, FakeWorkspace, PgCluster, make_certs
-from lakeproxy.emulator.api import OIDC_PATH, POSTGRES_CREDENTIALS_PATH
+from lakeproxy.emulator.api import (
+    DATABASE_CREDENTIALS_PATH,
+    OIDC_PATH,
+    POSTGRES_CREDENTIALS_PATH,
+)
 
 from .conftest import ProxyFactory
 from .proxy_rig import Proxy
@@ -192,3 +196,31 @@ async def test_credential_rejected_by_the_endpoint_is_reminted_once(
         assert emulator.workspace.calls[CREDS] == 2
         assert await p.psql("SELECT 1") == "1\n"  # the new one is cached
     assert emulator.workspace.calls[CREDS] == 2
+
+
+async def test_401_on_the_credential_call_refreshes_the_workspace_token(
+    emulator: Emulator, proxy: ProxyFactory,
+) -> None:
+    """The workspace revokes the OAuth token the proxy holds: the next credential
+    refresh gets 401, mints a new token once, and clients never notice."""
+    ws = emulator.workspace
+    ws.credential_lifetime = 2.0
+    async with asyncio.timeout(30):
+        p = await proxy(emulator)
+        assert await p.psql("SELECT current_user") == f"{emulator.role}\n"
+        ws.revoke_oauth_tokens()
+        await asyncio.sleep(1.5)  # past half the credential's lifetime: refreshed
+        assert await p.psql("SELECT current_user") == f"{emulator.role}\n"
+    assert ws.calls[OIDC_PATH] == 2
+    assert ws.calls[CREDS] >= 3  # first, refused (401), then the new token's
+
+
+async def test_provisioned_instance_uses_the_database_credential_api(
+    emulator: Emulator, proxy: ProxyFactory,
+) -> None:
+    env = {k: v for k, v in emulator.env().items() if k != "ENDPOINT_NAME"}
+    async with asyncio.timeout(30):
+        p = await proxy(env, warm=False, LAKEBASE_INSTANCE=emulator.instance_name)
+        assert await p.psql("SELECT current_user") == f"{emulator.role}\n"
+    assert emulator.workspace.calls[DATABASE_CREDENTIALS_PATH] == 1
+    assert emulator.workspace.calls[CREDS] == 0
