@@ -16,6 +16,7 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import psycopg
@@ -77,6 +78,34 @@ async def test_startup_options_and_a_unix_socket_listener(
         ) as conn:
             cur = await conn.execute("SELECT current_user")
             assert await cur.fetchone() == (emulator.role,)
+
+
+async def test_replication_connection_passes_through(
+    make_emulator: Callable[..., Awaitable[Emulator]], proxy: ProxyFactory,
+) -> None:
+    """``replication=database`` reaches the endpoint: its refusal comes back
+    unchanged, and once the role may replicate, the walsender answers."""
+    emu = await make_emulator()
+    async with asyncio.timeout(30):
+        p = await proxy(emu)
+
+        async def identify_system() -> tuple[int, str, str]:
+            child = await asyncio.create_subprocess_exec(
+                PSQL, "-X", "-A", "-t", "-c", "IDENTIFY_SYSTEM", p.conninfo(replication="database"),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+                env={"PATH": os.environ.get("PATH", "/usr/bin")},
+            )
+            out, err = await child.communicate()
+            assert child.returncode is not None
+            return child.returncode, out.decode(), err.decode()
+
+        code, _, err = await identify_system()
+        assert code == 2
+        assert "FATAL:  must be superuser or replication role to start walsender" in err
+        await asyncio.to_thread(emu.pg.psql, f'ALTER ROLE "{emu.role}" REPLICATION')
+        code, out, err = await identify_system()
+    assert code == 0, err
+    assert out.strip().endswith(f"|{DATABASE}")  # systemid|timeline|xlogpos|dbname
 
 
 async def test_psycopg_pipeline_mode(emulator: Emulator, proxy: ProxyFactory) -> None:
