@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import ssl
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 
 from lakeproxy.auth.cache import CachedCredentials
 from lakeproxy.auth.databricks import DatabricksApi
@@ -23,6 +23,7 @@ from lakeproxy.config import Config, DatabricksConfig, EndpointConfig, reload_co
 from lakeproxy.errors import ConfigError, CredentialError, LakeproxyError
 from lakeproxy.metrics import Metrics
 from lakeproxy.server import Endpoint, ProxyServer
+from lakeproxy.session import ClientAuthenticator
 from lakeproxy.upstream import (
     UpstreamConnection,
     UpstreamTarget,
@@ -134,6 +135,17 @@ def client_tls_context(config: Config) -> ssl.SSLContext | None:
     return ctx
 
 
+def client_authenticator(config: Config) -> Callable[[], ClientAuthenticator] | None:
+    """SCRAM-SHA-256 for clients (LAKEPROXY_CLIENT_PASSWORD), or None (trust).
+
+    The salted verifier is derived here, once, not per connection.
+    """
+    if config.client_password is None:
+        return None
+    verifier = ScramVerifier.from_password(config.client_password)
+    return lambda: ScramAuthenticator(verifier)
+
+
 class Runtime:
     """One process's proxy: dialers, server, reload."""
 
@@ -142,15 +154,11 @@ class Runtime:
         self.metrics = metrics
         self._tasks: set[asyncio.Task[None]] = set()
         self.dialers = [build_dialer(config, ep, metrics) for ep in config.endpoints]
-        verifier = (
-            ScramVerifier.from_password(config.client_password)
-            if config.client_password is not None else None
-        )
         self.server = ProxyServer(
             config,
             [Endpoint(d.config, d, d.credentials.ready) for d in self.dialers],
             metrics=metrics,
-            authenticator=(lambda: ScramAuthenticator(verifier)) if verifier else None,
+            authenticator=client_authenticator(config),
             tls_context=client_tls_context(config),
         )
 
@@ -180,8 +188,19 @@ class Runtime:
         except ConfigError as exc:
             log.error("reload failed, keeping the old configuration: %s", exc)
             return
+        if len(new.endpoints) != len(self.config.endpoints):
+            log.error("reload failed, keeping the old configuration: the number of endpoints "
+                      "changed (%d -> %d); restart to apply that",
+                      len(self.config.endpoints), len(new.endpoints))
+            return
         if [ep.listen for ep in new.endpoints] != [ep.listen for ep in self.config.endpoints]:
             log.warning("reload: listener changes need a restart; other changes apply")
+        try:
+            authenticator = client_authenticator(new)
+            tls_context = client_tls_context(new)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("reload failed, keeping the old configuration: client TLS: %s", exc)
+            return
         old = self.dialers
         kept: list[EndpointDialer] = []
         try:
@@ -199,8 +218,13 @@ class Runtime:
             return
         self.config = new
         self.dialers = dialers
-        self.server.reconfigure(new, [Endpoint(ep, d, d.credentials.ready)
-                                      for ep, d in zip(new.endpoints, dialers, strict=True)])
+        self.server.reconfigure(
+            new,
+            [Endpoint(ep, d, d.credentials.ready)
+             for ep, d in zip(new.endpoints, dialers, strict=True)],
+            authenticator=authenticator,
+            tls_context=tls_context,
+        )
         log.info("configuration reloaded from %s", new.config_file or "environment")
         for d in dialers:
             if not any(d is k for k in kept):

@@ -134,14 +134,26 @@ class ProxyServer:
             self.bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         return server
 
-    def reconfigure(self, config: Config, endpoints: Sequence[Endpoint]) -> None:
-        """Apply a reloaded configuration to new connections (listeners stay)."""
+    def reconfigure(
+        self,
+        config: Config,
+        endpoints: Sequence[Endpoint],
+        *,
+        authenticator: Callable[[], ClientAuthenticator] | None,
+        tls_context: ssl.SSLContext | None,
+    ) -> None:
+        """Apply a reloaded configuration to new connections (listeners stay).
+
+        Raises:
+            ValueError: the number of endpoints changed (that needs a restart).
+        """
         if len(endpoints) != len(self.endpoints):
-            log.warning("reload: the number of endpoints changed; restart to apply that")
-            return
+            raise ValueError("the number of endpoints changed; restart to apply that")
         self.config = config
         self.endpoints = list(endpoints)
         self.max_clients = config.max_clients
+        self._authenticator = authenticator
+        self._tls_context = tls_context
         self._current = [self._hooks(ep) for ep in self.endpoints]
 
     def bound_port(self, index: int = 0) -> int:

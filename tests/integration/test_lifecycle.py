@@ -264,3 +264,31 @@ async def test_max_clients_third_gets_53300(emulator: Emulator) -> None:
         await a.close()
         _, text = await p.get("/metrics")
         assert 'lakeproxy_client_connections_total{outcome="too_many"} 2.0' in text
+
+
+async def test_sighup_client_password_applies_to_new_connections(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """Adding (or changing) LAKEPROXY_CLIENT_PASSWORD in the file takes effect on reload."""
+    config = tmp_path / "lakeproxy.toml"
+    config.write_text("[proxy]\nmax_clients = 10\n")
+    async with asyncio.timeout(T), running(_env(emulator, LAKEPROXY_CONFIG=str(config))) as p:
+        port = p.tcp_port()
+        trusted = await _connect(p)  # no password needed yet
+
+        config.write_text('[proxy]\nclient_password = "now-a-password-1"\n')
+        mark = len(p.stderr)
+        p.signal(signal.SIGHUP)
+        await p.wait_for_line("configuration reloaded", after=mark)
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await asyncpg.connect(host="127.0.0.1", port=port, user="app", database=DB,
+                                  password="wrong", ssl=False, timeout=10)
+        with pytest.raises(psycopg.OperationalError, match="no password supplied"):
+            await _connect(p)
+        conn = await asyncpg.connect(host="127.0.0.1", port=port, user="app", database=DB,
+                                     password="now-a-password-1", ssl=False, timeout=10)
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+        assert await _one(trusted, "SELECT 2") == 2  # open sessions are not touched
+        await trusted.close()
+    assert "now-a-password-1" not in p.output
