@@ -24,7 +24,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from lakeproxy.config import load_config
-from lakeproxy.emulator import Emulator, PgCluster
+from lakeproxy.emulator import PgCluster
 from lakeproxy.endpoint import Runtime
 from lakeproxy.metrics import Metrics
 from lakeproxy.server import ProxyServer
@@ -144,11 +144,6 @@ async def stop_proxy(proxy: Proxy) -> None:
     """Drain (1 s grace) and close."""
     await proxy.server.drain(1)
     await proxy.runtime.close()
-
-
-def emulator_env(emu: Emulator, **overrides: str) -> dict[str, str]:
-    """The emulator's environment with ``overrides`` on top."""
-    return {**emu.env(), **overrides}
 
 
 async def role_backends(pg: PgCluster, role: str) -> int:

@@ -80,6 +80,24 @@ async def test_startup_options_and_a_unix_socket_listener(
             assert await cur.fetchone() == (emulator.role,)
 
 
+async def test_a_startup_without_database_gets_pgdatabase(
+    emulator: Emulator, proxy: ProxyFactory,
+) -> None:
+    async with asyncio.timeout(30):
+        p = await proxy(emulator)
+        client = await RawClient.open(p.port)
+        try:
+            await client.login({"user": "whoever"})
+            client.send(query_bytes("SELECT current_database()"))
+            rows: list[bytes] = []
+            while not isinstance(msg := await client.expect_message(), ReadyForQuery):
+                if isinstance(msg, OtherMessage) and msg.tag == b"D":
+                    rows.append(msg.body[6:])
+        finally:
+            await client.close()
+    assert rows == [DATABASE.encode()]
+
+
 async def test_replication_connection_passes_through(
     make_emulator: Callable[..., Awaitable[Emulator]], proxy: ProxyFactory,
 ) -> None:
