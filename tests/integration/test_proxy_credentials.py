@@ -224,3 +224,20 @@ async def test_provisioned_instance_uses_the_database_credential_api(
         assert await p.psql("SELECT current_user") == f"{emulator.role}\n"
     assert emulator.workspace.calls[DATABASE_CREDENTIALS_PATH] == 1
     assert emulator.workspace.calls[CREDS] == 0
+
+
+async def test_endpoint_refusing_even_a_fresh_credential_gives_28p01(
+    emulator: Emulator, proxy: ProxyFactory,
+) -> None:
+    """Credentials minted for the principal do not log in as another role: one
+    re-mint, then 28P01 with lakeproxy's message (the endpoint's text in it)."""
+    async with asyncio.timeout(30):
+        p = await proxy(emulator, warm=False, PGUSER="not-the-principals-role")
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await p.asyncpg()
+    exc = info.value
+    assert exc.sqlstate == "28P01"
+    assert exc.message.startswith("lakeproxy: endpoint rejected the fresh credential twice")
+    assert 'password authentication failed for user "not-the-principals-role"' in exc.message
+    assert exc.hint
+    assert emulator.workspace.calls[CREDS] == 2
