@@ -1,11 +1,13 @@
 """Dial the Lakebase endpoint: TCP -> SSLRequest -> TLS -> login, with retries.
 
 Shape follows asyncpg's connect path: a tiny protocol reads exactly the one-byte
-answer to SSLRequest, then ``loop.start_tls`` upgrades the same transport (works
-on asyncio and uvloop), then :class:`~lakeproxy.wire.upstream_handshake.UpstreamHandshake`
-logs in over the TLS transport. The result, :class:`UpstreamConnection`, holds
-the TLS transport with reading paused, ready to be handed to the splice with
-:meth:`UpstreamConnection.take_over`.
+answer to SSLRequest, then :func:`lakeproxy.tls.start_tls` upgrades the same
+transport (TLS by hand over memory BIOs, on asyncio and uvloop: cheaper per
+message than ``loop.start_tls``, see lakeproxy/tls.py), then
+:class:`~lakeproxy.wire.upstream_handshake.UpstreamHandshake` logs in over the TLS
+transport; its StartupMessage leaves in the same TCP write as the TLS Finished.
+The result, :class:`UpstreamConnection`, holds the TLS transport with reading
+paused, ready to be handed to the splice with :meth:`UpstreamConnection.take_over`.
 
 Deadlines are absolute times on the running loop's clock (``loop.time()``).
 """
@@ -25,6 +27,7 @@ from typing import Final, Literal, TypeVar
 
 from lakeproxy.errors import ConfigError, UpstreamConnectError, UpstreamRejected
 from lakeproxy.retry import DEFAULT_POLICY, RetryPolicy, describe, is_auth_failure, is_retryable
+from lakeproxy.tls import TLSTransport, start_tls
 from lakeproxy.wire import sqlstate
 from lakeproxy.wire.codec import (
     BackendKeyData,
@@ -356,6 +359,11 @@ class _Login(asyncio.Protocol):
         self.handshake = handshake
         transport.write(handshake.start())
 
+    def fail(self, exc: BaseException) -> None:
+        """End the login with ``exc`` (raised by ``await result``)."""
+        if not self.result.done():
+            self.result.set_exception(exc)
+
     def data_received(self, data: bytes) -> None:
         if self.result.done():
             self.held += data
@@ -574,24 +582,33 @@ async def connect(
             raw.write(encode(SSLRequest()))
             _check_ssl_answer(endpoint, await answer.answer)
             phase = "TLS handshake"
-            tls = await loop.start_tls(
+            extra = answer  # checked before anything is sent inside TLS
+
+            def begin_login(t: TLSTransport) -> None:
+                # Runs as the handshake completes: the StartupMessage leaves
+                # with our Finished, in one TCP write (TLS 1.3).
+                if extra.extra:
+                    return  # refused below, before any credential is sent
+                try:
+                    der = t.ssl_object.getpeercert(binary_form=True)
+                    binding = tls_server_end_point(der) if der else None
+                    login.begin(t, UpstreamHandshake(
+                        user, credential_token, params, protocol=protocol,
+                        channel_binding=binding,
+                    ))
+                except Exception as exc:  # raised from login.result below
+                    login.fail(exc)
+
+            tls = await start_tls(
                 raw, login, ssl_context, server_hostname=endpoint.host,
+                on_handshake=begin_login,
             )
-            if tls is None:  # the transport closed under us
-                raise ConnectionResetError("the endpoint closed the connection during TLS")
             if answer.extra:
                 raise _refused(
                     f"endpoint {endpoint}: unexpected bytes after 'S' in the answer to "
                     "SSLRequest (refusing them: they could have been injected before TLS)"
                 )
-            ssl_object = tls.get_extra_info("ssl_object")
-            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-            binding = tls_server_end_point(der) if der else None
-            handshake = UpstreamHandshake(
-                user, credential_token, params, protocol=protocol, channel_binding=binding
-            )
             phase = "login"
-            login.begin(tls, handshake)
             result = await login.result
     except TimeoutError as exc:
         _abort(tls)

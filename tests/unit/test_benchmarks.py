@@ -19,10 +19,25 @@ def test_splice_micro_runs_and_writes_json(tmp_path: Path) -> None:
     assert doc["benchmark"] == "splice_micro"
     assert {"cpu", "cores", "kernel", "python", "uvloop", "openssl"} <= doc["machine"].keys()
     keys = {(s["loop"], s["relay"], s["case"]) for s in doc["series"]}
-    # 2 loops x 2 relays + the direct path, for each of 3 cases
-    assert len(keys) == 15
+    # 2 loops x 2 relays + the direct path, for each of 4 cases
+    assert len(keys) == 20
     assert all(s["median"] > 0 for s in doc["series"])
-    assert len(doc["ratios"]) == 6
+    assert len(doc["ratios"]) == 8
+
+
+def test_splice_micro_tls_variants(tmp_path: Path) -> None:
+    """The upstream leg over TLS, with the variants of benchmarks.splice_variants."""
+    out = tmp_path / "micro.json"
+    argv = ["--quick", "--tls", "--bulk-mib", "1", "--round-trips", "20", "--loops", "uvloop",
+            "--relays", "splice,streams,direct", "--cases", "bulk64k,bulk_down,pingpong",
+            "--variants", "protocol/sslproto,buffered/sslproto,bare/bio,shared/bio/hw64,"
+            "protocol/biosimple/nodelay0"]
+    assert splice_micro.main([*argv, "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    relays = {s["relay"] for s in doc["series"]}
+    assert "protocol/sslproto" in relays
+    assert "shared/bio/hw64" in relays
+    assert all(s["median"] > 0 for s in doc["series"])
 
 
 def test_procstat_reads_this_process() -> None:

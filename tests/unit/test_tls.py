@@ -1,0 +1,294 @@
+"""lakeproxy.tls against a real TLS server (the loop's own SSL), on asyncio and uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+import uvloop
+
+from lakeproxy.emulator.certs import TlsFiles
+from lakeproxy.tls import READ_BUFFER, TLSTransport, start_tls
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def run(loop_name: str, coro: Awaitable[None]) -> None:
+    async def bounded() -> None:
+        async with asyncio.timeout(60):
+            await coro
+
+    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
+        runner.run(bounded())
+
+
+class Collect(asyncio.Protocol):
+    """The application protocol on top of the TLS transport."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.changed = asyncio.Event()
+        self.eof = False
+        self.lost = False
+        self.lost_exc: BaseException | None = None
+        self.paused = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.data += data
+        self.changed.set()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.changed.set()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.lost_exc = exc
+        self.changed.set()
+
+    def pause_writing(self) -> None:
+        self.paused += 1
+
+    async def until(self, pred: Callable[[], bool]) -> None:
+        while not pred():
+            self.changed.clear()
+            await self.changed.wait()
+
+
+@asynccontextmanager
+async def tls_server(tls: TlsFiles, handler: Handler) -> AsyncIterator[int]:
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def wrapped(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        try:
+            await handler(r, w)
+        except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(wrapped, "127.0.0.1", 0, ssl=tls.server_context())
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        for t in list(tasks):
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def dial(
+    tls: TlsFiles, port: int, proto: asyncio.BaseProtocol, *, host: str = "localhost",
+    on_handshake: Callable[[TLSTransport], None] | None = None,
+) -> TLSTransport:
+    loop = asyncio.get_running_loop()
+    raw, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+    try:
+        return await start_tls(raw, proto, tls.client_context(), server_hostname=host,
+                               on_handshake=on_handshake)
+    except BaseException:
+        raw.abort()
+        raise
+
+
+async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    while data := await r.read(1 << 16):
+        w.write(data)
+        await w.drain()
+
+
+@pytest.fixture(params=sorted(LOOPS))
+def loop_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_echo_counts_and_extra_info(loop_name: str, server_tls: TlsFiles) -> None:
+    async def scenario() -> None:
+        async with tls_server(server_tls, echo) as port:
+            app = Collect()
+            t = await dial(server_tls, port, app)
+            assert isinstance(t.get_extra_info("ssl_object"), ssl.SSLObject)
+            assert t.get_extra_info("peercert")["subjectAltName"]
+            assert t.get_extra_info("socket") is not None
+            assert t.get_extra_info("peername")[0] == "127.0.0.1"
+            assert t.get_protocol() is app
+            assert not t.can_write_eof()
+            t.write(b"hello ")
+            t.writelines([b"tls", b"!"])
+            await app.until(lambda: len(app.data) >= 10)
+            assert bytes(app.data) == b"hello tls!"
+            assert (t.bytes_sent, t.bytes_received) == (10, 10)
+            t.close()
+            await app.until(lambda: app.lost)
+            assert t.is_closing()
+
+    run(loop_name, scenario())
+
+
+def test_on_handshake_bytes_arrive_first(loop_name: str, server_tls: TlsFiles) -> None:
+    got: list[bytes] = []
+
+    async def first(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        got.append(await r.readexactly(5))
+        w.write(b"ok")
+        await w.drain()
+        await r.read()
+
+    async def scenario() -> None:
+        async with tls_server(server_tls, first) as port:
+            app = Collect()
+            t = await dial(server_tls, port, app, on_handshake=lambda tt: tt.write(b"first"))
+            await app.until(lambda: len(app.data) >= 2)
+            assert got == [b"first"]
+            t.close()
+            await app.until(lambda: app.lost)
+
+    run(loop_name, scenario())
+
+
+def test_wrong_host_name_fails_verification(loop_name: str, server_tls: TlsFiles) -> None:
+    async def scenario() -> None:
+        async with tls_server(server_tls, echo) as port:
+            with pytest.raises(ssl.SSLCertVerificationError):
+                await dial(server_tls, port, Collect(), host="not-the-name.test")
+
+    run(loop_name, scenario())
+
+
+def test_peer_closing_during_handshake(loop_name: str) -> None:
+    async def scenario() -> None:
+        async def hang_up(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            await r.read(1)
+            w.close()
+
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+        raw, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
+        ctx = ssl.create_default_context()
+        with pytest.raises((ConnectionResetError, ssl.SSLError)):
+            await start_tls(raw, Collect(), ctx, server_hostname="localhost")
+        raw.abort()
+        server.close()
+
+    run(loop_name, scenario())
+
+
+def test_peer_close_notify_gives_eof_then_lost(loop_name: str, server_tls: TlsFiles) -> None:
+    async def bye(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"bye")
+        await w.drain()
+        w.close()
+        await w.wait_closed()
+
+    async def scenario() -> None:
+        async with tls_server(server_tls, bye) as port:
+            app = Collect()
+            await dial(server_tls, port, app)
+            await app.until(lambda: app.lost)
+            assert bytes(app.data) == b"bye"
+            assert app.eof
+
+    run(loop_name, scenario())
+
+
+def test_close_sends_close_notify(loop_name: str, server_tls: TlsFiles) -> None:
+    seen: list[bytes] = []
+
+    async def read_all(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        seen.append(await r.read())  # b"" only on a clean close_notify
+
+    async def scenario() -> None:
+        async with tls_server(server_tls, read_all) as port:
+            app = Collect()
+            t = await dial(server_tls, port, app)
+            t.write(b"last")
+            t.close()
+            t.write(b"ignored after close")
+            await app.until(lambda: app.lost)
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.01)
+            assert seen == [b"last"]
+
+    run(loop_name, scenario())
+
+
+def test_abort_drops_the_connection(loop_name: str, server_tls: TlsFiles) -> None:
+    async def scenario() -> None:
+        async with tls_server(server_tls, echo) as port:
+            app = Collect()
+            t = await dial(server_tls, port, app)
+            t.abort()
+            await app.until(lambda: app.lost)
+            assert t.is_closing()
+
+    run(loop_name, scenario())
+
+
+def test_bulk_both_ways_in_order(loop_name: str, server_tls: TlsFiles) -> None:
+    """More than one socket read's worth, in writes that split records."""
+    payload = os.urandom(3 * READ_BUFFER + 12345)
+
+    async def scenario() -> None:
+        async with tls_server(server_tls, echo) as port:
+            app = Collect()
+            t = await dial(server_tls, port, app)
+            t.set_write_buffer_limits(high=1 << 20)
+            for i in range(0, len(payload), 7000):
+                t.write(memoryview(payload)[i : i + 7000])
+            await app.until(lambda: len(app.data) >= len(payload))
+            assert hashlib.sha256(app.data).digest() == hashlib.sha256(payload).digest()
+            assert t.bytes_received == len(payload)
+            t.close()
+            await app.until(lambda: app.lost)
+
+    run(loop_name, scenario())
+
+
+def test_pause_reading_stops_delivery(loop_name: str, server_tls: TlsFiles) -> None:
+    async def talk(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readexactly(1)
+        w.write(b"x" * 1000)
+        await w.drain()
+        await r.read()
+
+    async def scenario() -> None:
+        async with tls_server(server_tls, talk) as port:
+            app = Collect()
+            t = await dial(server_tls, port, app)
+            t.pause_reading()
+            assert not t.is_reading()
+            t.write(b"go")
+            await asyncio.sleep(0.2)
+            assert not app.data
+            t.resume_reading()
+            await app.until(lambda: len(app.data) >= 1000)
+            t.close()
+            await app.until(lambda: app.lost)
+
+    run(loop_name, scenario())
+
+
+def test_write_eof_is_refused(server_tls: TlsFiles) -> None:
+    async def scenario() -> None:
+        async with tls_server(server_tls, echo) as port:
+            app = Collect()
+            t = await dial(server_tls, port, app)
+            with pytest.raises(NotImplementedError):
+                t.write_eof()
+            t.abort()
+            await app.until(lambda: app.lost)
+
+    run("asyncio", scenario())
