@@ -124,8 +124,12 @@ class _SimpleTLS(TLSTransport, asyncio.Protocol):
 
     __slots__ = ()
 
-    def _decrypt(self) -> None:
+    def data_received(self, data: bytes) -> None:
         incoming = self._incoming
+        incoming.write(data)
+        if self._handshake is not None:
+            self._continue_handshake()
+            return
         read = self._sslobj.read
         chunks: list[bytes] = []
         eof = False
@@ -143,7 +147,9 @@ class _SimpleTLS(TLSTransport, asyncio.Protocol):
             return
         self._flush()
         if chunks:
-            self._deliver(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            plain = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            self.bytes_received += len(plain)
+            self._app_data(plain)
         if eof:
             self.eof_received()
 
