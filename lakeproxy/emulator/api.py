@@ -87,6 +87,14 @@ def _fake_jwt(subject: str, lifetime: float, **claims: object) -> str:
                      _b64url(secrets.token_bytes(256))))
 
 
+def _prune(expiries: dict[str, float]) -> None:
+    """Forget expired tokens once the table grows (a long demo or soak run)."""
+    if len(expiries) >= 256:
+        now = time.time()
+        for token in [t for t, exp in expiries.items() if exp <= now]:
+            del expiries[token]
+
+
 def _json_number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
@@ -143,7 +151,8 @@ class FakeWorkspace:
         #: returns "ACTIVE", "SUSPENDED" or "WAKING" (the front door's state).
         self.compute_state: Callable[[], str] = lambda: "ACTIVE"
         self.calls: collections.Counter[str] = collections.Counter()
-        self.requests: list[RecordedRequest] = []
+        #: the last 1000 requests, oldest first
+        self.requests: collections.deque[RecordedRequest] = collections.deque(maxlen=1000)
         self._faults: dict[str, collections.deque[Fault]] = collections.defaultdict(
             collections.deque)
         self._oauth_tokens: dict[str, float] = {}
@@ -191,6 +200,7 @@ class FakeWorkspace:
         life = self.credential_lifetime if lifetime is None else lifetime
         token = _fake_jwt(self.role, life, aud="lakebase")
         expiry = time.time() + life
+        _prune(self._credentials)
         self._credentials[token] = expiry
         return token, expiry
 
@@ -349,6 +359,7 @@ class FakeWorkspace:
                                      "Requested scope is invalid (use scope=all-apis)")
         life = self.oauth_lifetime
         token = _fake_jwt(self.client_id, life)
+        _prune(self._oauth_tokens)
         self._oauth_tokens[token] = time.time() + life
         return web.json_response({"access_token": token, "scope": "all-apis",
                                   "token_type": "Bearer", "expires_in": _json_number(life)})

@@ -41,7 +41,7 @@ import logging
 import ssl
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from lakeproxy.emulator.api import FakeWorkspace
@@ -89,6 +89,7 @@ class _Session:
     """A login that reached the compute."""
 
     task: asyncio.Task[None]
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
     pid: int | None = None
     upstream: asyncio.StreamWriter | None = None
     client: asyncio.StreamWriter | None = None
@@ -232,10 +233,12 @@ class FrontDoor:
             if s.pid is None:  # still logging in: cut it
                 _close(s.client)
                 _close(s.upstream)
-        if sessions:
-            _, late = await asyncio.wait([s.task for s in sessions], timeout=10)
-            for task in late:
-                task.cancel()
+        if sessions:  # wait for the relays, not for the clients' TLS close
+            waits = {asyncio.ensure_future(s.ended.wait()): s for s in sessions}
+            _, late = await asyncio.wait(waits, timeout=10)
+            for w in late:
+                w.cancel()
+                waits[w].task.cancel()
 
     def resume(self) -> None:
         """Make the compute active at once, without a wake (for test set-up)."""
@@ -345,6 +348,7 @@ class FrontDoor:
         try:
             await self._relay(reader, writer, frames, startup, session)
         finally:
+            session.ended.set()
             self._sessions.pop(task, None)
             if not self._sessions:
                 self._arm_idle()
