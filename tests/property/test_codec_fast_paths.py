@@ -13,11 +13,15 @@ from hypothesis import strategies as st
 from lakeproxy.wire import codec
 from lakeproxy.wire import messages as m
 from lakeproxy.wire.codec import (
+    AuthenticationCleartextPassword,
     AuthenticationOk,
     BackendKeyData,
     ParameterStatus,
+    PasswordMessage,
     ReadyForQuery,
+    StartupMessage,
     decode_backend,
+    encode,
 )
 from lakeproxy.wire.errors import ProtocolError
 
@@ -40,6 +44,9 @@ def _slow(frame: bytes) -> object:
         if tag == b"K":
             pid, key = m.BACKEND_KEY_DATA.parse(frame)
             return BackendKeyData(pid, key) if 4 <= len(key) <= 256 else "error"
+        if frame[5:9] == b"\x00\x00\x00\x03":
+            m.AUTH_CLEARTEXT_PASSWORD.parse(frame)
+            return AuthenticationCleartextPassword()
         m.AUTH_OK.parse(frame)
         return AuthenticationOk()
     except (ProtocolError, UnicodeDecodeError):
@@ -63,10 +70,10 @@ bodies = st.one_of(
 
 
 @MANY
-@given(tag=st.sampled_from([b"S", b"Z", b"K", b"R"]), body=bodies)
+@given(tag=st.sampled_from([b"S", b"Z", b"K", b"R"]), body=bodies | st.just(b"\x00\x00\x00\x03"))
 def test_fast_path_matches_the_schemas(tag: bytes, body: bytes) -> None:
     frame = _frame(tag, body)
-    if tag == b"R" and len(body) >= 4 and body[:4] != b"\x00\x00\x00\x00":
+    if tag == b"R" and len(body) >= 4 and body[:4] not in (b"\0\0\0\0", b"\0\0\0\3"):
         return  # other authentication requests never take the fast path
     fast = codec._decode_common(tag, frame)
     if fast is not None:
@@ -87,3 +94,21 @@ def test_common_login_frames_take_the_fast_path() -> None:
     # not exactly well formed: left to the schemas, which refuse it
     for frame in [_frame(b"S", b"a\x00b\x00c\x00"), _frame(b"Z", b"X"), _frame(b"K", b"\x00")]:
         assert codec._decode_common(frame[:1], frame) is None
+
+
+names = st.text(min_size=1, max_size=10).filter(lambda t: "\x00" not in t)
+values = st.text(max_size=10).filter(lambda t: "\x00" not in t)
+
+
+@MANY
+@given(params=st.dictionaries(names, values, max_size=6), minor=st.sampled_from([0, 2]))
+def test_startup_encoding_matches_the_schema(params: dict[str, str], minor: int) -> None:
+    msg = StartupMessage(3, minor, params)
+    want = m.STARTUP_MESSAGE.build(((3 << 16) | minor, list(params.items())))
+    assert encode(msg) == want
+
+
+@MANY
+@given(password=st.binary(max_size=40).filter(lambda b: b"\x00" not in b))
+def test_password_encoding_matches_the_schema(password: bytes) -> None:
+    assert encode(PasswordMessage(password)) == m.PASSWORD_MESSAGE.build(password)
