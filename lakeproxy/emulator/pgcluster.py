@@ -69,6 +69,10 @@ class _RunAs:
     uid: int
     gid: int
 
+    def subprocess_kwargs(self) -> dict[str, object]:
+        """``subprocess.run`` arguments that drop to this user (and its group only)."""
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port that was free on ``host`` a moment ago."""
@@ -148,12 +152,11 @@ def _ensure_os_user() -> _RunAs:
 
 
 def _teardown(pg_ctl: Path, datadir: Path, run_as: _RunAs | None, remove: Path | None) -> None:
-    """Stop a server (if running) and remove its private directory. Module-level
-    so that ``weakref.finalize`` can run it at exit without the PgCluster."""
+    """Stop the server (``pg_ctl stop -m immediate``) if it runs, then remove
+    ``remove``. Module-level so that ``weakref.finalize`` can run it at exit
+    without the PgCluster."""
     if (datadir / "postmaster.pid").exists():
-        kwargs: dict[str, object] = {}
-        if run_as is not None:
-            kwargs = {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
+        kwargs = run_as.subprocess_kwargs() if run_as is not None else {}
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run(  # noqa: S603  (fixed arguments)
                 [str(pg_ctl), "-D", str(datadir), "-m", "immediate", "-w", "stop"],
@@ -162,6 +165,53 @@ def _teardown(pg_ctl: Path, datadir: Path, run_as: _RunAs | None, remove: Path |
             )
     if remove is not None:
         shutil.rmtree(remove, ignore_errors=True)
+
+
+_OWNER_FILE: Final = "lakeproxy-owner"
+
+
+def _process_identity(pid: int) -> str | None:
+    """``"<pid> <start time>"`` of a live process (start time from /proc, so a
+    reused pid does not match), or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return f"{pid} ?"
+    return f"{pid} {stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def _reap_orphans(run_as: _RunAs | None) -> None:
+    """Stop and delete clusters whose owning process died without closing them
+    (a test run killed by a timeout, for instance). Only directories carrying
+    an owner file written by :class:`PgCluster` are considered."""
+    for owner in glob.glob(os.path.join(tempfile.gettempdir(), "lakeproxy-pg-*", _OWNER_FILE)):
+        path = Path(owner)
+        try:
+            recorded = path.read_text().strip()
+            pid = int(recorded.split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        alive = _process_identity(pid)
+        if alive is not None and (alive == recorded or alive.endswith(" ?")):
+            continue
+        _teardown(_pg_ctl_for(path.parent / "data"), path.parent / "data", run_as, path.parent)
+
+
+def _pg_ctl_for(datadir: Path) -> Path:
+    """The pg_ctl matching the binaries that run ``datadir`` (from postmaster.pid's
+    command line when known), else the default bindir's."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        pid = int((datadir / "postmaster.pid").read_text().split()[0])
+        exe = Path(os.readlink(f"/proc/{pid}/exe"))
+        if (exe.parent / "pg_ctl").is_file():
+            return exe.parent / "pg_ctl"
+    return find_bindir()[0] / "pg_ctl"
 
 
 class PgCluster:
@@ -180,7 +230,8 @@ class PgCluster:
     ``stop()`` stops the server and keeps the data (``start()`` again resumes,
     on the same port when it is free); ``close()`` (and leaving the ``with``
     block) also deletes the private directory. A cluster still running at
-    interpreter exit is stopped then.
+    interpreter exit is stopped then; one whose process was killed is stopped
+    and deleted by the next PgCluster created on the machine.
     """
 
     host: Final = "127.0.0.1"
@@ -213,7 +264,9 @@ class PgCluster:
             )
         self._run_as = _ensure_os_user() if os.geteuid() == 0 else None
         # The socket dir is always private and short (sun_path holds ~107 bytes).
+        _reap_orphans(self._run_as)
         self._private = Path(tempfile.mkdtemp(prefix="lakeproxy-pg-"))
+        (self._private / _OWNER_FILE).write_text(f"{_process_identity(os.getpid())}\n")
         self._private.chmod(0o755)
         self._chown(self._private)
         base = self._private if self._run_as is not None else self.workdir
@@ -250,7 +303,7 @@ class PgCluster:
         run_env.update(env or {})
         kwargs: dict[str, object] = {}
         if as_server and self._run_as is not None:
-            kwargs = {"user": self._run_as.uid, "group": self._run_as.gid, "extra_groups": []}
+            kwargs = self._run_as.subprocess_kwargs()
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
             proc = subprocess.run(  # noqa: S603  (argv built here from fixed parts)
                 [str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out, stderr=err,
@@ -345,12 +398,7 @@ class PgCluster:
         """``pg_ctl stop -m immediate``; the data stays (see :meth:`start`). Idempotent."""
         if self._started:
             self._started = False
-            with contextlib.suppress(PgClusterError, subprocess.TimeoutExpired):
-                self._run(
-                    [self.bindir / "pg_ctl", "-D", self.datadir, "-m", "immediate", "-w",
-                     "stop"],
-                    as_server=True, timeout=60,
-                )
+            _teardown(self.bindir / "pg_ctl", self.datadir, self._run_as, None)
 
     def close(self) -> None:
         """Stop and delete the private directory (data too, when it lives there)."""

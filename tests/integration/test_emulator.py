@@ -11,6 +11,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -143,6 +144,32 @@ def test_pgcluster_start_psql_stop(tmp_path: Path) -> None:
     with pytest.raises(ConnectionRefusedError):  # stopped: nothing listens any more
         socket.create_connection((pg.host, pg.port), timeout=5).close()
     assert not pg.socket_dir.exists()
+
+
+def test_pgcluster_of_a_killed_process_is_reaped(tmp_path: Path) -> None:
+    """A run killed before it could stop its cluster leaves no server behind:
+    the next PgCluster stops and deletes it."""
+    script = (
+        "import sys, pathlib\n"
+        "from lakeproxy.emulator.pgcluster import PgCluster\n"
+        "pg = PgCluster(pathlib.Path(sys.argv[1]))\n"
+        "pg.start()\n"
+        "print(pg.port, pg.socket_dir, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "orphan")],
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) as child:
+        try:
+            assert child.stdout is not None
+            port_text, socket_dir = child.stdout.readline().split()
+        finally:
+            child.kill()
+    with socket.create_connection(("127.0.0.1", int(port_text)), timeout=5):
+        pass  # the orphan still runs
+    PgCluster(tmp_path / "next").close()
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", int(port_text)), timeout=5).close()
+    assert not Path(socket_dir).exists()
 
 
 def test_pgcluster_ssl_and_hba(tmp_path: Path) -> None:
