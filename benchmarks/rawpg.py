@@ -109,7 +109,8 @@ class PgConn:
         body = await self.reader.readexactly(length - 4) if length > 4 else b""
         return head[:1], body
 
-    async def _until_ready(self) -> ServerError | None:
+    async def until_ready(self) -> ServerError | None:
+        """Read until ReadyForQuery; return the ErrorResponse seen on the way, if any."""
         error: ServerError | None = None
         while True:
             tag, body = await self.read_message()
@@ -160,7 +161,7 @@ class PgConn:
         self.writer.write(_msg(b"Q", sql.encode() + b"\x00"))
         tag, body = await self.read_message()
         if tag == b"E":
-            await self._until_ready()
+            await self.until_ready()
             raise parse_error(body)
         if tag != b"G":
             raise ServerError("08P01", f"expected CopyInResponse, got {tag!r}")
@@ -193,7 +194,7 @@ class PgConn:
         self.writer.write(_msg(b"Q", sql.encode() + b"\x00"))
         tag, body = await self.read_message()
         if tag == b"E":
-            await self._until_ready()
+            await self.until_ready()
             raise parse_error(body)
         if tag != b"H":
             raise ServerError("08P01", f"expected CopyOutResponse, got {tag!r}")
@@ -204,9 +205,9 @@ class PgConn:
             elif tag == b"c":
                 break
             elif tag == b"E":
-                await self._until_ready()
+                await self.until_ready()
                 raise parse_error(body)
-        error = await self._until_ready()
+        error = await self.until_ready()
         if error is not None:
             raise error
 
@@ -237,7 +238,10 @@ async def cancel(host: str, port: int, pid: int, key: bytes) -> None:
     try:
         body = struct.pack("!II", (1234 << 16) | 5678, pid) + key
         writer.write(struct.pack("!I", len(body) + 4) + body)
-        async with asyncio.timeout(10):
-            await reader.read()
+        try:
+            async with asyncio.timeout(10):
+                await reader.read()
+        except TimeoutError:
+            raise TimeoutError("the cancel connection stayed open for 10 s") from None
     finally:
         writer.close()

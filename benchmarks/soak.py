@@ -39,6 +39,7 @@ import contextlib
 import gc
 import hashlib
 import json
+import os
 import random
 import struct
 import sys
@@ -51,8 +52,8 @@ from pathlib import Path
 
 import asyncpg
 
-from benchmarks import machine
-from benchmarks.rawpg import PgConn, ServerError, cancel, parse_error, startup_packet
+from benchmarks import machine, procstat
+from benchmarks.rawpg import PgConn, ServerError, cancel, startup_packet
 from benchmarks.soakkit import EmulatorProcess, MiB, ProxyProcess, Sampler, raise_nofile, workdir
 
 HOST = "127.0.0.1"
@@ -274,23 +275,22 @@ async def s_cancel(ctx: Ctx) -> None:
     try:
         conn.send_query("SELECT pg_sleep(30)")
         await asyncio.sleep(0.2)
-        error: ServerError | None = None
-        for _ in range(10):
-            await cancel(HOST, ctx.port, conn.pid, conn.key)
-            ctx.tally.cancels_sent += 1
-            try:
-                async with asyncio.timeout(1):
-                    while True:
-                        tag, body = await conn.read_message()
-                        if tag == b"E":
-                            error = parse_error(body)
-                        elif tag == b"Z":
-                            break
-                break
-            except TimeoutError:
-                continue
+        # Read until ReadyForQuery in one task (a timeout mid-message would lose
+        # the framing); send a CancelRequest every second until it ends.
+        outcome = asyncio.ensure_future(conn.until_ready())
+        try:
+            for _ in range(10):
+                await cancel(HOST, ctx.port, conn.pid, conn.key)
+                ctx.tally.cancels_sent += 1
+                done, _ = await asyncio.wait([outcome], timeout=1)
+                if done:
+                    break
+        finally:
+            if not outcome.done():
+                outcome.cancel()
+        error = outcome.result() if outcome.done() and not outcome.cancelled() else None
         if error is None or error.sqlstate != "57014":
-            raise Mismatch(f"cancel did not cancel: {error}")
+            raise Mismatch(f"10 cancel requests in 10 s did not cancel the query: {error}")
     finally:
         await conn.close()
 
@@ -410,6 +410,12 @@ async def run(
         fds_before = proxy.fds()
         sockets_before = proxy.sockets()
         mem_before = proxy.memory()
+        assert emu.proc is not None
+        cpu_before = (
+            procstat.cpu_seconds(proxy.pid),
+            procstat.cpu_seconds(emu.proc.pid),
+            time.process_time(),
+        )
         sampler = Sampler(proxy.pid, interval=1.0)
         sampler.start()
         loop = asyncio.get_running_loop()
@@ -437,6 +443,14 @@ async def run(
                 break
         await asyncio.gather(*workers, return_exceptions=True)
         load_seconds = round(time.monotonic() - ctx_t0, 1)
+        cpu = {
+            "proxy": round(procstat.cpu_seconds(proxy.pid) - cpu_before[0], 1),
+            "emulator_front_door_and_api": round(
+                procstat.cpu_seconds(emu.proc.pid) - cpu_before[1], 1
+            ),
+            "load_driver": round(time.process_time() - cpu_before[2], 1),
+        }
+        loadavg = os.getloadavg()
         waited, active, frontdoor, backends = await _settle(emu, proxy, 60)
         await sampler.stop()
         fds_after = proxy.fds()
@@ -507,6 +521,8 @@ async def run(
                     and v
                 },
                 "proxy_exit_code": exit_code,
+                "cpu_seconds_during_load": cpu,
+                "load_average_at_end": [round(x, 2) for x in loadavg],
             }
         )
     if not keep:
@@ -569,6 +585,8 @@ def render(r: dict[str, object]) -> str:
         f"checksums: {r['checksums']}",
         f"proxy metrics: {r['proxy_metrics']}",
         f"proxy exit code after SIGTERM: {r['proxy_exit_code']}",
+        f"CPU seconds during the load: {r['cpu_seconds_during_load']}; load average at end "
+        f"(1/5/15 min): {r['load_average_at_end']}",
     ]
     return "\n".join(lines) + "\n"
 

@@ -313,13 +313,13 @@ class ProxyProcess:
         self.admin_port = free_port()
         self.env = _clean_env(
             {
-                **env,
-                "LAKEPROXY_LISTEN": f"127.0.0.1:{self.port}",
-                "LAKEPROXY_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}",
                 "LAKEPROXY_MAX_CLIENTS": str(max_clients),
                 "LAKEPROXY_CONNECT_DEADLINE": str(connect_deadline),
                 "LAKEPROXY_SHUTDOWN_GRACE": "5",
                 "LAKEPROXY_LOG_LEVEL": log_level,
+                **env,  # may override the four above
+                "LAKEPROXY_LISTEN": f"127.0.0.1:{self.port}",
+                "LAKEPROXY_ADMIN_LISTEN": f"127.0.0.1:{self.admin_port}",
             }
         )
         self.proc: asyncio.subprocess.Process | None = None
