@@ -52,6 +52,11 @@ Side = Literal["client", "upstream", "proxy"]
 #: is aborted (a peer that never reads must not pin the session forever).
 CLOSE_FLUSH_TIMEOUT: Final = 30.0
 
+#: After a client half-closes (EOF while still reading), how long the endpoint
+#: may keep answering before both sides are closed. PostgreSQL closes at once
+#: after a Terminate; a client that half-closed without one gets this long.
+HALF_CLOSE_GRACE: Final = 5.0
+
 #: Write-buffer high-water mark per direction. Past it, the other side stops
 #: reading. 256 KiB keeps a bulk COPY streaming in large writes while bounding
 #: a session's worst case to about twice this; 64 KiB and 1 MiB measured the
@@ -87,6 +92,8 @@ class _Ends:
         self.nbytes = 0
 
     def eof_received(self) -> bool:
+        if self.side == "client":
+            return self.splice._client_half_closed()
         self.splice._finish(self.side, None)
         return False
 
@@ -164,6 +171,7 @@ class Splice:
         )
         self._down = _Half(self, "upstream", client)  # reads upstream, writes the client
         self._done: asyncio.Future[SpliceResult] = asyncio.get_running_loop().create_future()
+        self._first_closer: Side | None = None
 
     def start(self, *, client_leftover: bytes = b"", upstream_leftover: bytes = b"") -> None:
         """Hand both transports to the relay.
@@ -227,9 +235,23 @@ class Splice:
             return self._down.nbytes
         return self._down.nbytes + tls.bytes_received - self._tls_base
 
+    def _client_half_closed(self) -> bool:
+        """The client sent EOF: what it sent still goes upstream, and the endpoint's
+        answer (PostgreSQL answers a query sent before Terminate, then closes)
+        still reaches the client, for up to HALF_CLOSE_GRACE. Returns True to keep
+        the client transport open for writing (plain TCP; TLS cannot half-close)."""
+        if self._done.done():
+            return False
+        self._first_closer = "client"
+        asyncio.get_running_loop().call_later(
+            HALF_CLOSE_GRACE, self._finish, "client", None
+        )
+        return True
+
     def _finish(self, side: Side, exc: BaseException | None, *, abort: bool = False) -> None:
         if self._done.done():
             return
+        side = self._first_closer or side
         self._done.set_result(SpliceResult(side, exc, self.bytes_up, self.bytes_down))
         if abort:
             self.client.abort()
