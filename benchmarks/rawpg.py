@@ -225,11 +225,18 @@ class PgConn:
 
     def abort(self) -> None:
         """Close with a TCP reset, mid-whatever."""
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.writer.transport.abort()
+        reset(self.writer)
+
+
+def reset(writer: asyncio.StreamWriter | None) -> None:
+    """Close ``writer``'s connection with a TCP reset (SO_LINGER 0) instead of a FIN."""
+    if writer is None or writer.is_closing():
+        return
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
 
 
 async def cancel(host: str, port: int, pid: int, key: bytes) -> None:

@@ -53,7 +53,7 @@ from pathlib import Path
 import asyncpg
 
 from benchmarks import machine, procstat
-from benchmarks.rawpg import PgConn, ServerError, cancel, startup_packet
+from benchmarks.rawpg import PgConn, ServerError, cancel, reset, startup_packet
 from benchmarks.soakkit import EmulatorProcess, MiB, ProxyProcess, Sampler, raise_nofile, workdir
 
 HOST = "127.0.0.1"
@@ -263,11 +263,7 @@ async def s_abrupt_login(ctx: Ctx) -> None:
         await writer.drain()
         await asyncio.sleep(ctx.rng.uniform(0, 0.05))
     finally:
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(1, 13, struct.pack("ii", 1, 0))  # SOL_SOCKET, SO_LINGER
-        writer.transport.abort()
+        reset(writer)
 
 
 async def s_cancel(ctx: Ctx) -> None:

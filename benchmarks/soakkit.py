@@ -32,6 +32,7 @@ from typing import Self
 import aiohttp
 
 from benchmarks import procstat
+from benchmarks.stack import _client_env
 from lakeproxy.emulator.pgcluster import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,14 +83,6 @@ def raise_nofile(limit: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def _clean_env(extra: Mapping[str, str]) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("PG", "DATABRICKS_", "LAKEPROXY_"))
-    }
-    env.update(extra)
-    return env
-
-
 # ----------------------------------------------------------------------------- emulator
 
 
@@ -133,7 +126,7 @@ class EmulatorProcess:
             stdout=subprocess.PIPE,
             stderr=log,
             cwd=ROOT,
-            env=_clean_env({}),
+            env=_client_env({}),
             preexec_fn=lambda: raise_nofile(65536),
         )
         log.close()
@@ -311,7 +304,7 @@ class ProxyProcess:
         self.workdir = workdir
         self.port = free_port()
         self.admin_port = free_port()
-        self.env = _clean_env(
+        self.env = _client_env(
             {
                 "LAKEPROXY_MAX_CLIENTS": str(max_clients),
                 "LAKEPROXY_CONNECT_DEADLINE": str(connect_deadline),

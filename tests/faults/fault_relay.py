@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import struct
 from dataclasses import dataclass
 from typing import Literal
+
+from benchmarks.rawpg import reset
 
 Mode = Literal["pass", "blackhole", "reset", "delay", "cut"]
 _CHUNK = 65_536
@@ -35,17 +35,6 @@ class _Fault:
     delay: float
     cut_after: int
     count: int | None  # None: until changed
-
-
-def _reset(writer: asyncio.StreamWriter | None) -> None:
-    """Close with RST (SO_LINGER 0) instead of FIN."""
-    if writer is None or writer.is_closing():
-        return
-    sock = writer.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 class FaultRelay:
@@ -87,8 +76,8 @@ class FaultRelay:
         """Reset every open relayed connection now; returns how many."""
         pairs = list(self._pairs)
         for client, upstream in pairs:
-            _reset(client)
-            _reset(upstream)
+            reset(client)
+            reset(upstream)
         return len(pairs)
 
     async def close(self) -> None:
@@ -158,7 +147,7 @@ class FaultRelay:
                 if graceful and w is not None:
                     w.close()
                 else:
-                    _reset(w)
+                    reset(w)
 
     async def _pump(
         self,
@@ -180,7 +169,7 @@ class FaultRelay:
                         with contextlib.suppress(OSError):
                             await writer.drain()
                         for w in pair:
-                            _reset(w)
+                            reset(w)
                         return False
                     budget[0] -= len(data)
                 writer.write(data)

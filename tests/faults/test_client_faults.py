@@ -6,9 +6,7 @@ are still served."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -17,9 +15,11 @@ import pytest
 import pytest_asyncio
 from faultkit import Proxy, conninfo, fresh_query, one, running_proxy, wait_until
 
+from benchmarks.rawpg import reset
 from lakeproxy import session as session_module
 from lakeproxy.emulator import Emulator
 from lakeproxy.emulator.certs import TlsFiles
+from lakeproxy.splice import HALF_CLOSE_GRACE
 from lakeproxy.wire import codec
 
 T = 30
@@ -36,13 +36,6 @@ def outcomes(proxy: Proxy) -> dict[str, float]:
         o: reg.get_sample_value("lakeproxy_client_connections_total", {"outcome": o}) or 0.0
         for o in ("ok", "client_error", "internal")
     }
-
-
-def rst(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    writer.transport.abort()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -77,7 +70,7 @@ async def test_broken_client_tls_handshake_is_a_client_fault(
             if how == "close":
                 writer.close()
             else:
-                rst(writer)
+                reset(writer)
             await wait_until(lambda: tls_proxy.sessions == 0, 5, "the session to end")
         after = outcomes(tls_proxy)
         assert after["internal"] == before["internal"], "a client fault is not an internal error"
@@ -122,8 +115,10 @@ async def test_silent_and_half_sent_logins_time_out(
 
 
 async def test_half_close_after_a_write_delivers_it(emulator: Emulator) -> None:
-    """A client that sends an INSERT and shuts down its sending side at once:
-    the row lands (the client's bytes are never dropped) and nothing stays open."""
+    """Clients that send an INSERT (most with a Terminate after it) and shut down
+    their sending side at once: every row lands, each client still reads the
+    INSERT's reply, and nothing stays open (a client without the Terminate is
+    closed after the half-close grace)."""
     async with asyncio.timeout(T), running_proxy(emulator) as proxy:
         setup = await psycopg.AsyncConnection.connect(conninfo(proxy.port), autocommit=True)
         try:
@@ -138,8 +133,12 @@ async def test_half_close_after_a_write_delivers_it(emulator: Emulator) -> None:
                 await reader.readexactly(5)
                 sql = b"INSERT INTO half_close VALUES (%d)\x00" % n
                 writer.write(b"Q" + struct.pack("!I", len(sql) + 4) + sql)
+                if n:  # the first client half-closes without a Terminate
+                    writer.write(b"X\x00\x00\x00\x04")
                 writer.write_eof()
-                await asyncio.wait_for(reader.read(), 5)  # the proxy closes; no hang
+                limit = 2.0 if n else HALF_CLOSE_GRACE + 2.0
+                reply = await asyncio.wait_for(reader.read(), limit)  # then EOF: no hang
+                assert b"INSERT 0 1" in reply
                 writer.close()
             await wait_until(lambda: proxy.sessions == 1, 5, "half-closed sessions to end")
             rows = None
@@ -175,7 +174,7 @@ async def test_client_gone_during_a_cold_start_stops_the_dial(
         if how == "close":
             writer.close()
         else:
-            rst(writer)
+            reset(writer)
         await wait_until(lambda: proxy.sessions == 0, 1.0, "the proxy to drop the dial")
         await asyncio.sleep(2.5)  # past the wake
         assert reg.get_sample_value("lakeproxy_upstream_connect_seconds_count") == logins_before
