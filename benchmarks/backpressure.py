@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -116,17 +117,20 @@ async def slow_read(
 
 async def run(mib: int, rate: float, bound_mib: float) -> Result:
     base = workdir("lakeproxy-backpressure-")
-    async with EmulatorProcess(base / "emulator", max_connections=50) as emu:
-        assert emu.info is not None
-        async with ProxyProcess(base / "proxy", emu.info.env) as proxy:
-            # One small session first, so start-up allocations are behind us.
-            warm = await PgConn.connect("127.0.0.1", proxy.port)
-            await warm.query("SELECT 1")
-            await warm.close()
-            await asyncio.sleep(0.5)
-            return await slow_read(
-                proxy.port, proxy.pid, mib=mib, rate=rate, bound_mib=bound_mib, interval=0.25
-            )
+    try:
+        async with EmulatorProcess(base / "emulator", max_connections=50) as emu:
+            assert emu.info is not None
+            async with ProxyProcess(base / "proxy", emu.info.env) as proxy:
+                # One small session first, so start-up allocations are behind us.
+                warm = await PgConn.connect("127.0.0.1", proxy.port)
+                await warm.query("SELECT 1")
+                await warm.close()
+                await asyncio.sleep(0.5)
+                return await slow_read(
+                    proxy.port, proxy.pid, mib=mib, rate=rate, bound_mib=bound_mib, interval=0.25
+                )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,6 +41,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import struct
 import sys
 import time
@@ -382,150 +383,150 @@ async def run(
         "weights": WEIGHTS,
         "proxy_env": proxy_env or {},
     }
-    async with (
-        EmulatorProcess(
-            base / "emulator",
-            max_connections=clients + 200,
-            credential_lifetime=credential_lifetime,
-        ) as emu,
-        ProxyProcess(
-            base / "proxy",
-            {**(emu.info.env if emu.info else {}), **(proxy_env or {})},
-            max_clients=clients + 500,
-        ) as proxy,
-    ):
-        report["machine"] = machine.describe(postgresql=await emu.sql("SHOW server_version"))
-        # Warm up (lazy imports, the first credential, TLS session cache), then baseline.
-        t0 = time.monotonic()
-        warm = Ctx(proxy.port, random.Random(seed + 1), Tally(), t0)
-        for name in ("query", "asyncpg", "copy", "cancel", "abrupt", "query"):
-            await SCENARIOS[name](warm)
-        await _settle(emu, proxy, 30)
-        gc.collect()
-        await asyncio.sleep(1)
-        fds_before = proxy.fds()
-        sockets_before = proxy.sockets()
-        mem_before = proxy.memory()
-        assert emu.proc is not None
-        cpu_before = (
-            procstat.cpu_seconds(proxy.pid),
-            procstat.cpu_seconds(emu.proc.pid),
-            time.process_time(),
-        )
-        sampler = Sampler(proxy.pid, interval=1.0)
-        sampler.start()
-        loop = asyncio.get_running_loop()
-        stop_at = loop.time() + seconds
-        names, weights = list(WEIGHTS), list(WEIGHTS.values())
-        ctx_t0 = time.monotonic()
+    try:
+        async with (
+            EmulatorProcess(
+                base / "emulator",
+                max_connections=clients + 200,
+                credential_lifetime=credential_lifetime,
+            ) as emu,
+            ProxyProcess(
+                base / "proxy",
+                {**(emu.info.env if emu.info else {}), **(proxy_env or {})},
+                max_clients=clients + 500,
+            ) as proxy,
+        ):
+            report["machine"] = machine.describe(postgresql=await emu.sql("SHOW server_version"))
+            # Warm up (lazy imports, the first credential, TLS session cache), then baseline.
+            t0 = time.monotonic()
+            warm = Ctx(proxy.port, random.Random(seed + 1), Tally(), t0)
+            for name in ("query", "asyncpg", "copy", "cancel", "abrupt", "query"):
+                await SCENARIOS[name](warm)
+            await _settle(emu, proxy, 30)
+            gc.collect()
+            await asyncio.sleep(1)
+            fds_before = proxy.fds()
+            sockets_before = proxy.sockets()
+            mem_before = proxy.memory()
+            assert emu.proc is not None
+            cpu_before = (
+                procstat.cpu_seconds(proxy.pid),
+                procstat.cpu_seconds(emu.proc.pid),
+                time.process_time(),
+            )
+            sampler = Sampler(proxy.pid, interval=1.0)
+            sampler.start()
+            loop = asyncio.get_running_loop()
+            stop_at = loop.time() + seconds
+            names, weights = list(WEIGHTS), list(WEIGHTS.values())
+            ctx_t0 = time.monotonic()
 
-        async def delayed(i: int) -> None:
-            await asyncio.sleep(ramp * i / clients)
-            ctx = Ctx(proxy.port, random.Random(rng.getrandbits(64)), tally, ctx_t0)
-            await worker(ctx, stop_at, names, weights)
+            async def delayed(i: int) -> None:
+                await asyncio.sleep(ramp * i / clients)
+                ctx = Ctx(proxy.port, random.Random(rng.getrandbits(64)), tally, ctx_t0)
+                await worker(ctx, stop_at, names, weights)
 
-        workers = [asyncio.ensure_future(delayed(i)) for i in range(clients)]
-        peak_concurrency = 0
-        while not all(w.done() for w in workers):
-            with contextlib.suppress(Exception):
-                m = await proxy.metrics()
-                peak_concurrency = max(
-                    peak_concurrency, int(m.get("lakeproxy_client_connections_active", 0))
-                )
-            await asyncio.sleep(2)
-            if loop.time() > stop_at + SCENARIO_TIMEOUT + 30:
-                for w in workers:
-                    w.cancel()
-                break
-        await asyncio.gather(*workers, return_exceptions=True)
-        load_seconds = round(time.monotonic() - ctx_t0, 1)
-        cpu = {
-            "proxy": round(procstat.cpu_seconds(proxy.pid) - cpu_before[0], 1),
-            "emulator_front_door_and_api": round(
-                procstat.cpu_seconds(emu.proc.pid) - cpu_before[1], 1
-            ),
-            "load_driver": round(time.process_time() - cpu_before[2], 1),
-        }
-        loadavg = os.getloadavg()
-        waited, active, frontdoor, backends = await _settle(emu, proxy, 60)
-        await sampler.stop()
-        fds_after = proxy.fds()
-        sockets_after = proxy.sockets()
-        mem_after = proxy.memory()
-        metrics = await proxy.metrics()
-        exit_code = await proxy.stop()
-        samples = sampler.samples
-        half = len(samples) // 2
-        first = max((x.rss for x in samples[:half]), default=0)
-        second = max((x.rss for x in samples[half:]), default=0)
-        report.update(
-            {
-                "load_seconds": load_seconds,
-                "scenarios": {n: {"runs": tally.runs[n], "ok": tally.ok[n]} for n in WEIGHTS},
-                "sessions_served": tally.logins,
-                "cancel_requests": tally.cancels_sent,
-                "peak_concurrent_clients": peak_concurrency,
-                "errors": dict(sorted(tally.errors.items())),
-                "error_examples": tally.error_examples,
-                "completed_per_minute": [tally.per_minute[i] for i in sorted(tally.per_minute)],
-                "settle_seconds": waited,
-                # fds: more open after than before, not counting "other" TCP sockets
-                # (the API's keep-alive connection comes and goes); sockets: client
-                # or endpoint sockets still open.
-                "leaked": {
-                    "proxy_sessions": active,
-                    "frontdoor_sessions": frontdoor,
-                    "backends": backends,
-                    "fds": max(
-                        0,
-                        _fds_sans_other(fds_after, sockets_after)
-                        - _fds_sans_other(fds_before, sockets_before),
-                    ),
-                    "sockets": sockets_after["client"] + sockets_after["upstream"],
-                },
-                "fds": {"before": fds_before, "peak": sampler.peak_fds, "after": fds_after},
-                "sockets": {"before": sockets_before, "after": sockets_after},
-                "rss_mib": {
-                    "start": _mib(mem_before.rss),
-                    "peak": _mib(max(sampler.peak_rss, 0)),
-                    "hwm": _mib(mem_after.hwm),
-                    "end": _mib(mem_after.rss),
-                    # growth of the peak from the first half of the run to the second:
-                    # near 0 once the allocator's high-water mark is reached.
-                    "second_half_growth": _mib(second - first),
-                    "every_10s": [_mib(s.rss) for s in samples[::10]],
-                    "by_minute": [
-                        _mib(max(s.rss for s in samples if int(s.t // 60) == m))
-                        for m in sorted({int(s.t // 60) for s in samples})
-                    ],
-                },
-                "checksums": {
-                    "payloads": tally.checksums,
-                    "bytes": tally.bytes_checked,
-                    "mismatches": tally.mismatches,
-                },
-                "proxy_metrics": {
-                    k: v
-                    for k, v in metrics.items()
-                    if k.startswith(
-                        (
-                            "lakeproxy_client_connections_total",
-                            "lakeproxy_upstream_connect_retries",
-                            "lakeproxy_credential_requests_total",
-                        )
+            workers = [asyncio.ensure_future(delayed(i)) for i in range(clients)]
+            peak_concurrency = 0
+            while not all(w.done() for w in workers):
+                with contextlib.suppress(Exception):
+                    m = await proxy.metrics()
+                    peak_concurrency = max(
+                        peak_concurrency, int(m.get("lakeproxy_client_connections_active", 0))
                     )
-                    and v
-                },
-                "proxy_exit_code": exit_code,
-                "cpu_seconds_during_load": cpu,
-                "load_average_at_end": [round(x, 2) for x in loadavg],
+                await asyncio.sleep(2)
+                if loop.time() > stop_at + SCENARIO_TIMEOUT + 30:
+                    for w in workers:
+                        w.cancel()
+                    break
+            await asyncio.gather(*workers, return_exceptions=True)
+            load_seconds = round(time.monotonic() - ctx_t0, 1)
+            cpu = {
+                "proxy": round(procstat.cpu_seconds(proxy.pid) - cpu_before[0], 1),
+                "emulator_front_door_and_api": round(
+                    procstat.cpu_seconds(emu.proc.pid) - cpu_before[1], 1
+                ),
+                "load_driver": round(time.process_time() - cpu_before[2], 1),
             }
-        )
-    if not keep:
-        import shutil
-
-        shutil.rmtree(base, ignore_errors=True)
-    else:
+            loadavg = os.getloadavg()
+            waited, active, frontdoor, backends = await _settle(emu, proxy, 60)
+            await sampler.stop()
+            fds_after = proxy.fds()
+            sockets_after = proxy.sockets()
+            mem_after = proxy.memory()
+            metrics = await proxy.metrics()
+            exit_code = await proxy.stop()
+            samples = sampler.samples
+            half = len(samples) // 2
+            first = max((x.rss for x in samples[:half]), default=0)
+            second = max((x.rss for x in samples[half:]), default=0)
+            report.update(
+                {
+                    "load_seconds": load_seconds,
+                    "scenarios": {n: {"runs": tally.runs[n], "ok": tally.ok[n]} for n in WEIGHTS},
+                    "sessions_served": tally.logins,
+                    "cancel_requests": tally.cancels_sent,
+                    "peak_concurrent_clients": peak_concurrency,
+                    "errors": dict(sorted(tally.errors.items())),
+                    "error_examples": tally.error_examples,
+                    "completed_per_minute": [tally.per_minute[i] for i in sorted(tally.per_minute)],
+                    "settle_seconds": waited,
+                    # fds: more open after than before, not counting "other" TCP sockets
+                    # (the API's keep-alive connection comes and goes); sockets: client
+                    # or endpoint sockets still open.
+                    "leaked": {
+                        "proxy_sessions": active,
+                        "frontdoor_sessions": frontdoor,
+                        "backends": backends,
+                        "fds": max(
+                            0,
+                            _fds_sans_other(fds_after, sockets_after)
+                            - _fds_sans_other(fds_before, sockets_before),
+                        ),
+                        "sockets": sockets_after["client"] + sockets_after["upstream"],
+                    },
+                    "fds": {"before": fds_before, "peak": sampler.peak_fds, "after": fds_after},
+                    "sockets": {"before": sockets_before, "after": sockets_after},
+                    "rss_mib": {
+                        "start": _mib(mem_before.rss),
+                        "peak": _mib(max(sampler.peak_rss, 0)),
+                        "hwm": _mib(mem_after.hwm),
+                        "end": _mib(mem_after.rss),
+                        # growth of the peak from the first half of the run to the second:
+                        # near 0 once the allocator's high-water mark is reached.
+                        "second_half_growth": _mib(second - first),
+                        "every_10s": [_mib(s.rss) for s in samples[::10]],
+                        "by_minute": [
+                            _mib(max(s.rss for s in samples if int(s.t // 60) == m))
+                            for m in sorted({int(s.t // 60) for s in samples})
+                        ],
+                    },
+                    "checksums": {
+                        "payloads": tally.checksums,
+                        "bytes": tally.bytes_checked,
+                        "mismatches": tally.mismatches,
+                    },
+                    "proxy_metrics": {
+                        k: v
+                        for k, v in metrics.items()
+                        if k.startswith(
+                            (
+                                "lakeproxy_client_connections_total",
+                                "lakeproxy_upstream_connect_retries",
+                                "lakeproxy_credential_requests_total",
+                            )
+                        )
+                        and v
+                    },
+                    "proxy_exit_code": exit_code,
+                    "cpu_seconds_during_load": cpu,
+                    "load_average_at_end": [round(x, 2) for x in loadavg],
+                }
+            )
+    finally:
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
+    if keep:
         report["workdir"] = str(base)
     report["passed"] = passed(report)
     return report
