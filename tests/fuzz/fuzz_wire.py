@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Final
 
-import atheris  # type: ignore[import-untyped,import-not-found,unused-ignore]
+import atheris
 
 HERE: Final = Path(__file__).resolve().parent
 ROOT: Final = HERE.parents[1]
