@@ -221,7 +221,13 @@ class ClientProtocol(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.gone = True
         self._wake()
-        return True  # keep the transport: an ErrorResponse may still be owed
+        # Keep a plain transport open: an ErrorResponse may still be owed. (A TLS
+        # transport closes anyway and warns when asked not to.)
+        return self.transport is None or self.transport.get_extra_info("sslcontext") is None
+
+    def hung_up(self) -> bool:
+        """True once the client sent EOF or the connection was lost."""
+        return self.gone
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.gone = True
@@ -317,6 +323,12 @@ class Session:
             self.record.error = type(exc).__name__
             self.transport.abort()
         except Exception as exc:
+            if self.conn.hung_up():
+                # e.g. uvloop raising on a write to a transport the client just reset
+                self.record.outcome = "client_gone"
+                self.record.error = type(exc).__name__
+                self.transport.abort()
+                return
             log.exception("session %s: internal error", self.record.client)
             self._fail(LakeproxyError(f"internal error: {type(exc).__name__}"))
 
@@ -374,6 +386,8 @@ class Session:
         params = dict(startup.params)
         params["user"] = hooks.role
         params["database"] = database
+        if conn.hung_up():  # before we paused reading: mint and dial for no one
+            raise _ClientGone
         self.connecting = True
         started = loop.time()
         try:
@@ -381,7 +395,7 @@ class Session:
         finally:
             self.connecting = False
         hooks.on_upstream_connected(loop.time() - started)
-        if conn.gone:
+        if conn.hung_up():
             upstream.transport.abort()
             raise _ClientGone
         await self._relay_startup(upstream)
@@ -400,12 +414,14 @@ class Session:
                 if not task.done() and _hung_up(self.transport):
                     raise _ClientGone
             return task.result()
-        finally:
+        except BaseException:
             if not task.done():
                 task.cancel()
                 await asyncio.wait([task])
-                if not task.cancelled():
-                    task.exception()  # retrieved: the client is gone anyway
+            if not task.cancelled() and task.exception() is None:
+                # Logged in just as we were cancelled: nobody will use it.
+                task.result().transport.abort()
+            raise
 
     async def _start_tls(self, ctx: ssl.SSLContext, *, direct: bool = False) -> None:
         """Upgrade the client connection to TLS (after 'S', or ``direct``: the
@@ -466,20 +482,28 @@ class Session:
         hooks = self.hooks
         out = [encode(AuthenticationOk())]
         key: tuple[int, bytes] | None = None
-        for frame in upstream.startup_messages:
-            if frame[:1] == b"K":
-                msg = decode_backend(frame)
-                if not isinstance(msg, BackendKeyData):  # pragma: no cover - 'K' decodes so
-                    raise TypeError("BackendKeyData expected")
-                ours = hooks.cancels.register(
-                    CancelTarget(hooks.dialer, msg.process_id, msg.secret)
-                )
-                key = (msg.process_id, ours)
-                frame = encode(BackendKeyData(msg.process_id, ours))
-            out.append(frame)
-        self.transport.write(b"".join(out))
-        splice = Splice(self.transport, upstream.transport)
-        self.splice = splice
+        try:
+            for frame in upstream.startup_messages:
+                if frame[:1] == b"K":
+                    msg = decode_backend(frame)
+                    if not isinstance(msg, BackendKeyData):  # pragma: no cover - 'K' decodes so
+                        raise TypeError("BackendKeyData expected")
+                    ours = hooks.cancels.register(
+                        CancelTarget(hooks.dialer, msg.process_id, msg.secret)
+                    )
+                    key = (msg.process_id, ours)
+                    frame = encode(BackendKeyData(msg.process_id, ours))
+                out.append(frame)
+            if self.transport.is_closing():
+                raise _ClientGone
+            self.transport.write(b"".join(out))
+            splice = Splice(self.transport, upstream.transport)
+            self.splice = splice
+        except BaseException:
+            upstream.transport.abort()
+            if key is not None:
+                hooks.cancels.unregister(*key)
+            raise
         try:
             splice.start(
                 client_leftover=self.conn.handshake.trailing_data(),

@@ -52,11 +52,6 @@ Side = Literal["client", "upstream", "proxy"]
 #: is aborted (a peer that never reads must not pin the session forever).
 CLOSE_FLUSH_TIMEOUT: Final = 30.0
 
-#: After a client half-closes (EOF while still reading), how long the endpoint
-#: may keep answering before both sides are closed. PostgreSQL closes at once
-#: after a Terminate; a client that half-closed without one gets this long.
-HALF_CLOSE_GRACE: Final = 5.0
-
 #: Write-buffer high-water mark per direction. Past it, the other side stops
 #: reading. 256 KiB keeps a bulk COPY streaming in large writes while bounding
 #: a session's worst case to about twice this; 64 KiB and 1 MiB measured the
@@ -92,8 +87,9 @@ class _Ends:
         self.nbytes = 0
 
     def eof_received(self) -> bool:
-        if self.side == "client":
-            return self.splice._client_half_closed()
+        # EOF from either side ends the session (as PgBouncer and the Cloud SQL
+        # proxy do): a FIN cannot tell a half-close from a full close, and a
+        # closed client must not keep its endpoint session alive.
         self.splice._finish(self.side, None)
         return False
 
@@ -171,7 +167,6 @@ class Splice:
         )
         self._down = _Half(self, "upstream", client)  # reads upstream, writes the client
         self._done: asyncio.Future[SpliceResult] = asyncio.get_running_loop().create_future()
-        self._first_closer: Side | None = None
 
     def start(self, *, client_leftover: bytes = b"", upstream_leftover: bytes = b"") -> None:
         """Hand both transports to the relay.
@@ -181,15 +176,8 @@ class Splice:
         before anything read later, so nothing is reordered.
         """
         client, upstream = self.client, self.upstream
-        for t in (client, upstream):
-            tune_socket(t)
-            t.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
-        if client_leftover:
-            self._up.nbytes += len(client_leftover)
-            upstream.write(client_leftover)
-        if upstream_leftover:
-            self._down.nbytes += len(upstream_leftover)
-            client.write(upstream_leftover)
+        # Protocols first, so flow-control callbacks caused by the leftovers
+        # below reach the halves, not the handshake's protocols.
         client.set_protocol(cast(asyncio.BaseProtocol, self._up))
         upstream.set_protocol(self._down)
         tls = self._tls
@@ -198,7 +186,20 @@ class Splice:
             # frame in between); the TLS transport counts them.
             self._tls_base = tls.bytes_received
             tls.deliver_to(client.write)
-        # Either side may have closed while we were switching protocols.
+        # Either side may have closed already (uvloop raises on a closed
+        # transport's set_write_buffer_limits and write): deliver what can be.
+        if not client.is_closing():
+            tune_socket(client)
+            client.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+            if upstream_leftover:
+                self._down.nbytes += len(upstream_leftover)
+                client.write(upstream_leftover)
+        if not upstream.is_closing():
+            tune_socket(upstream)
+            upstream.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER)
+            if client_leftover:
+                self._up.nbytes += len(client_leftover)
+                upstream.write(client_leftover)
         if client.is_closing():
             self._finish("client", None)
             return
@@ -235,23 +236,9 @@ class Splice:
             return self._down.nbytes
         return self._down.nbytes + tls.bytes_received - self._tls_base
 
-    def _client_half_closed(self) -> bool:
-        """The client sent EOF: what it sent still goes upstream, and the endpoint's
-        answer (PostgreSQL answers a query sent before Terminate, then closes)
-        still reaches the client, for up to HALF_CLOSE_GRACE. Returns True to keep
-        the client transport open for writing (plain TCP; TLS cannot half-close)."""
-        if self._done.done():
-            return False
-        self._first_closer = "client"
-        asyncio.get_running_loop().call_later(
-            HALF_CLOSE_GRACE, self._finish, "client", None
-        )
-        return True
-
     def _finish(self, side: Side, exc: BaseException | None, *, abort: bool = False) -> None:
         if self._done.done():
             return
-        side = self._first_closer or side
         self._done.set_result(SpliceResult(side, exc, self.bytes_up, self.bytes_down))
         if abort:
             self.client.abort()
@@ -262,9 +249,11 @@ class Splice:
             if t.is_closing():
                 continue
             # close() flushes what is already buffered for that side; a peer
-            # that never reads is aborted after CLOSE_FLUSH_TIMEOUT.
+            # that never reads is aborted after CLOSE_FLUSH_TIMEOUT (the timer
+            # only holds the transport while it still has bytes to flush).
+            pending = t.get_write_buffer_size()
             t.close()
-            if t.get_write_buffer_size():
+            if pending:
                 loop.call_later(CLOSE_FLUSH_TIMEOUT, t.abort)
 
 

@@ -272,6 +272,9 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         except _WantRead:
             pass
         except ssl.SSLError as exc:
+            if pos:  # what was decrypted before the bad record still goes through
+                self.bytes_received += pos
+                self._app_data(bytes(out[:pos]))
             self._fatal(exc)
             return
         if self._outgoing.pending:  # e.g. a KeyUpdate answer

@@ -520,12 +520,20 @@ def _check_ssl_answer(target: UpstreamTarget, data: bytes) -> None:
             "server with ssl=on)",
         )
     if first == b"E":
+        # Sent before TLS, so anyone on the path could have written it: never
+        # relay it to the client nor let it pick a SQLSTATE (CVE-2024-10977).
         try:
             msg = decode_backend(data)
         except ProtocolError:
             msg = None
         if isinstance(msg, ErrorResponse):
-            raise UpstreamRejected(data, msg.sqlstate or sqlstate.INTERNAL_ERROR, msg.message)
+            log.debug("endpoint %s answered SSLRequest with an error: %s %s",
+                      target, msg.sqlstate, msg.message)
+        raise _refused(
+            f"endpoint {target} answered SSLRequest with an error before TLS (not relayed: "
+            "it could have been forged)",
+            "check PGHOST/PGPORT point at the Lakebase endpoint",
+        )
     raise _refused(
         f"endpoint {target} sent an invalid answer to SSLRequest (first byte {first!r}); "
         "is it a PostgreSQL server?",
@@ -805,8 +813,14 @@ async def send_cancel(
     finally:
         if answer is not None:
             _silence(answer.answer)
+        closed = until_closed.closed.done() and not until_closed.closed.cancelled()
         _silence(until_closed.closed)
         if tls is not None:
-            tls.close()
+            # A graceful TLS close could wait out the SSL shutdown timeout on an
+            # endpoint that stopped answering: only after the endpoint closed.
+            if closed:
+                tls.close()
+            else:
+                tls.abort()
         elif raw is not None:
             raw.abort()

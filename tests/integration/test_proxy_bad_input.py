@@ -260,22 +260,3 @@ async def test_no_upstream_session_outlives_a_client_gone_during_login(
         await _nothing_left(p, emu)
         await _served(p)
 
-
-async def test_half_close_after_terminate_still_gets_the_answer(
-    emulator: Emulator, proxy: ProxyFactory
-) -> None:
-    """Query + Terminate, then shutdown(SHUT_WR): the result arrives, then EOF."""
-    p = await proxy(emulator)
-    client = await RawClient.open(p.port)
-    try:
-        async with asyncio.timeout(20):
-            await client.login({"user": "anyone", "database": "databricks_postgres"})
-            client.send(query_bytes("SELECT 'still here'") + b"X\x00\x00\x00\x04")
-            client.writer.write_eof()
-            messages = await client.read_until_closed()
-    finally:
-        await client.close()
-    kinds = [type(m).__name__ for m in messages]
-    assert "ErrorResponse" not in kinds, messages
-    assert kinds[-1] == "ReadyForQuery", kinds
-    assert "OtherMessage" in kinds  # RowDescription / DataRow / CommandComplete

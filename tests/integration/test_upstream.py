@@ -639,3 +639,28 @@ def test_uvloop_login_query_and_cancel(tls_pg: PgCluster, ca_ctx: ssl.SSLContext
 
 def test_uvloop_front_door_and_trailing_bytes(server_tls: TlsFiles) -> None:
     _on_uvloop(_front_door_scenario(server_tls))
+
+
+async def test_error_before_tls_is_not_relayed() -> None:
+    """An ErrorResponse answering SSLRequest comes before TLS (anyone could forge it):
+    it is refused, never passed on as the endpoint's own error."""
+    from lakeproxy.wire.codec import encode, error_response
+
+    forged = encode(error_response("28P01", "FAKE-PROMPT: type your password here", hint="evil"))
+
+    async def answer_error(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readexactly(8)
+        writer.write(forged)
+        await writer.drain()
+        await reader.read()
+
+    async with asyncio.timeout(30), fake_server(answer_error) as port:
+        with pytest.raises(UpstreamConnectError) as info:
+            await connect_with_retry(
+                UpstreamTarget("localhost", port, hostaddr="127.0.0.1"), "tok",
+                {"user": "u"}, deadline=_in(20),
+                ssl_context=make_ssl_context("require", "system"),
+            )
+    assert "before TLS" in str(info.value)
+    assert "FAKE-PROMPT" not in info.value.client_message
+    assert info.value.sqlstate == "08006"
