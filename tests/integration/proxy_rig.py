@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -38,6 +37,8 @@ from lakeproxy.wire.codec import (
     encode,
 )
 from lakeproxy.wire.framing import FrameReader
+
+from .proxy_process import psql as run_psql
 
 PSQL = "/usr/bin/psql"
 DATABASE = "databricks_postgres"
@@ -89,23 +90,7 @@ class Proxy:
     async def run_psql(self, sql: str, *, dbname: str | None = None,
                        timeout: float = 30.0) -> tuple[int, str, str]:
         """Run ``psql -c sql`` through the proxy; returns (exit code, stdout, stderr)."""
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8",
-               "HOME": "/nonexistent", "PGCONNECT_TIMEOUT": str(int(timeout))}
-        proc = await asyncio.create_subprocess_exec(
-            PSQL, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql,
-            self.conninfo(dbname=dbname),
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=env,
-        )
-        try:
-            async with asyncio.timeout(timeout):
-                out, err = await proc.communicate()
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise
-        assert proc.returncode is not None
-        return proc.returncode, out.decode(), err.decode()
+        return await run_psql(self.conninfo(dbname=dbname), sql, timeout=timeout)
 
     async def psql(self, sql: str, *, dbname: str | None = None) -> str:
         """psql's unaligned, tuples-only output. Raises PsqlFailed."""
