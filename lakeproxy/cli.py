@@ -290,19 +290,10 @@ async def mint_token(config: Config) -> str:
         CredentialError: the API refused, or did not answer within the connect deadline.
         ConfigError: the auth module found the settings unusable.
     """
-    from lakeproxy.auth import CachedCredentials, DatabricksApi
+    from lakeproxy.auth import CachedCredentials
+    from lakeproxy.endpoint import make_api
 
-    dbx, endpoint = config.databricks, config.endpoints[0]
-    oauth = dbx.auth_method == "oauth-m2m"
-    api = DatabricksApi(
-        host=dbx.host,
-        client_id=dbx.client_id if oauth else None,
-        client_secret=dbx.client_secret if oauth else None,
-        token=None if oauth else dbx.token,
-        endpoint_name=endpoint.name,
-        instance_name=endpoint.instance,
-    )
-    creds = CachedCredentials(api)
+    creds = CachedCredentials(make_api(config.databricks, config.endpoints[0]))
     try:
         loop = asyncio.get_running_loop()
         cred = await creds.get(deadline=loop.time() + config.connect_deadline)
