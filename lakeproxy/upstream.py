@@ -116,6 +116,10 @@ _contexts: dict[tuple[str, str], ssl.SSLContext] = {}
 _contexts_lock = threading.Lock()
 
 
+#: The one key-exchange group offered to the endpoint (see _build_ssl_context).
+UPSTREAM_TLS_GROUP: Final = "prime256v1"
+
+
 def make_ssl_context(sslmode: str, sslrootcert: str = "system") -> ssl.SSLContext:
     """Return the client TLS context for ``(sslmode, sslrootcert)``, built once
     and shared by every later call with the same pair.
@@ -151,6 +155,13 @@ def _build_ssl_context(sslmode: str, sslrootcert: str) -> ssl.SSLContext:
         ])
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Offer (and send a key share for) P-256 only: the group every TLS 1.3
+    # server must support (RFC 8446, 9.1), and the only one a PostgreSQL
+    # server accepts with its default ssl_ecdh_curve. OpenSSL's default
+    # offers X25519 first, which such a server answers with a
+    # HelloRetryRequest: one more round trip and key pair per connection
+    # (benchmarks/README.md, "new connections").
+    ctx.set_ecdh_curve(UPSTREAM_TLS_GROUP)
     if sslmode == "require":
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE

@@ -112,3 +112,83 @@ def test_startup_encoding_matches_the_schema(params: dict[str, str], minor: int)
 @given(password=st.binary(max_size=40).filter(lambda b: b"\x00" not in b))
 def test_password_encoding_matches_the_schema(password: bytes) -> None:
     assert encode(PasswordMessage(password)) == m.PASSWORD_MESSAGE.build(password)
+
+
+def _startup_frame(version: int, body: bytes) -> bytes:
+    return (len(body) + 8).to_bytes(4, "big") + version.to_bytes(4, "big") + body
+
+
+def _startup_slow(frame: bytes) -> object:
+    """The StartupMessage schema alone (the code before the fast path)."""
+    try:
+        _, pairs = m.STARTUP_MESSAGE.parse(frame)
+        return codec._startup_params(pairs)
+    except ProtocolError:
+        return "error"
+
+
+def _startup_fast(frame: bytes) -> object:
+    pairs = codec._startup_pairs(frame)
+    if pairs is None:
+        return None
+    try:
+        return codec._startup_params(pairs)
+    except ProtocolError:
+        return "error"
+
+
+cstrings = st.one_of(
+    st.binary(max_size=6).filter(lambda b: b"\x00" not in b),
+    st.text(max_size=6).filter(lambda t: "\x00" not in t).map(str.encode),
+)
+
+
+def _joined(parts: list[bytes]) -> bytes:
+    return b"".join(p + b"\x00" for p in parts)
+
+
+startup_bodies = st.one_of(
+    st.binary(max_size=40),
+    st.lists(cstrings, max_size=7).map(_joined),
+    st.lists(cstrings, max_size=7).map(lambda parts: _joined(parts) + b"\x00"),
+)
+
+
+@MANY
+@given(body=startup_bodies)
+def test_startup_fast_path_matches_the_schema(body: bytes) -> None:
+    frame = _startup_frame(3 << 16, body)
+    fast = _startup_fast(frame)
+    if fast is not None:
+        assert fast == _startup_slow(frame)
+    try:
+        got: object = codec.decode_startup(frame)
+    except ProtocolError as exc:
+        got = "error" if exc.sqlstate == "08P01" else "no user"
+    slow = _startup_slow(frame)
+    if isinstance(slow, dict):
+        want: object = StartupMessage(3, 0, slow) if slow.get("user") else "no user"
+    else:
+        want = slow
+    assert got == want
+
+
+def test_common_startup_takes_the_fast_path() -> None:
+    params = {"user": "u", "database": "d", "application_name": "", "client_encoding": "UTF8"}
+    frame = encode(StartupMessage(3, 0, params))
+    assert codec._startup_pairs(frame) == list(params.items())
+    assert codec.decode_startup(frame) == StartupMessage(3, 0, params)
+    for bad in [frame[:8], frame[:-1], _startup_frame(3 << 16, b"\x00x\x00y\x00\x00"),
+                _startup_frame(3 << 16, b"a\x00\xff\x00\x00")]:
+        assert codec._startup_pairs(bad) is None
+
+
+def test_constant_and_key_encodings_match_the_schemas() -> None:
+    from lakeproxy.wire.codec import GSSENCRequest, SSLRequest
+
+    assert encode(SSLRequest()) == m.SSL_REQUEST.build(None)
+    assert encode(GSSENCRequest()) == m.GSSENC_REQUEST.build(None)
+    assert encode(AuthenticationOk()) == m.AUTH_OK.build(None)
+    assert encode(AuthenticationCleartextPassword()) == m.AUTH_CLEARTEXT_PASSWORD.build(None)
+    for pid, key in [(0, b"abcd"), (2**32 - 1, bytes(range(32))), (7, b"k" * 256)]:
+        assert encode(BackendKeyData(pid, key)) == m.BACKEND_KEY_DATA.build((pid, key))

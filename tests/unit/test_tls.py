@@ -7,7 +7,7 @@ import hashlib
 import os
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 
 import pytest
 import uvloop
@@ -292,3 +292,166 @@ def test_write_eof_is_refused(server_tls: TlsFiles) -> None:
             await app.until(lambda: app.lost)
 
     run("asyncio", scenario())
+
+
+# -- record delivery, byte for byte (no sockets: the raw side is a fake transport)
+
+
+class _RawStub(asyncio.Transport):
+    """A raw transport that keeps what is written; reads are fed by hand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.closed = False
+        self.proto: asyncio.BaseProtocol | None = None
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.proto = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self.proto is not None
+        return self.proto
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += data
+
+    def resume_reading(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+
+class Chunks(Collect):
+    def __init__(self) -> None:
+        super().__init__()
+        self.chunks: list[bytes] = []
+
+    def data_received(self, data: bytes) -> None:
+        assert type(data) is bytes
+        self.chunks.append(data)
+        super().data_received(data)
+
+
+def _feed(tls: TLSTransport, data: bytes) -> None:
+    """What the loop does on a socket read: fill the buffer, report the count."""
+    view = tls.get_buffer(-1)
+    view[: len(data)] = data
+    tls.buffer_updated(len(data))
+
+
+class _Peer:
+    """The server side, as an SSLObject over memory BIOs."""
+
+    def __init__(self, tls_files: TlsFiles) -> None:
+        ctx = tls_files.server_context()
+        ctx.num_tickets = 0  # only what the tests send arrives
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
+
+    def record(self, data: bytes) -> bytes:
+        self.obj.write(data)
+        return self.outgoing.read()
+
+    def close_notify(self) -> bytes:
+        with suppress(ssl.SSLWantReadError):
+            self.obj.unwrap()
+        return self.outgoing.read()
+
+
+async def _connected(tls_files: TlsFiles) -> tuple[TLSTransport, Chunks, _Peer, _RawStub]:
+    raw, app, peer = _RawStub(), Chunks(), _Peer(tls_files)
+    task = asyncio.ensure_future(
+        start_tls(raw, app, tls_files.client_context(), server_hostname="localhost")
+    )
+    await asyncio.sleep(0)
+    for _ in range(5):
+        peer.incoming.write(bytes(raw.out))
+        raw.out.clear()
+        with suppress(ssl.SSLWantReadError):
+            peer.obj.do_handshake()
+        if peer.outgoing.pending:
+            tls = raw.get_protocol()
+            assert isinstance(tls, TLSTransport)
+            _feed(tls, peer.outgoing.read())
+        await asyncio.sleep(0)
+        if task.done():
+            break
+    tls = await task
+    peer.incoming.write(bytes(raw.out))  # the client's Finished
+    raw.out.clear()
+    peer.obj.do_handshake()
+    return tls, app, peer, raw
+
+
+def test_records_are_delivered_whole_split_and_joined(server_tls: TlsFiles) -> None:
+    async def main() -> None:
+        tls, app, peer, _ = await _connected(server_tls)
+        # one record per read (the common case): handed over as decrypted
+        _feed(tls, peer.record(b"one"))
+        assert app.chunks == [b"one"]
+        # two records in one read: one delivery
+        _feed(tls, peer.record(b"two") + peer.record(b"three"))
+        assert app.chunks[1:] == [b"twothree"]
+        # a record and a half, then the rest
+        four, five = peer.record(b"four"), peer.record(b"five" * 5000)
+        _feed(tls, four + five[:100])
+        assert app.chunks[2:] == [b"four"]
+        _feed(tls, five[100:])
+        assert app.chunks[3:] == [b"five" * 5000]
+        # half a record alone: nothing yet
+        six = peer.record(b"six")
+        _feed(tls, six[:3])
+        _feed(tls, six[3:])
+        assert app.chunks[4:] == [b"six"]
+        assert tls.bytes_received == len(b"onetwothreefour" + b"five" * 5000 + b"six")
+        assert not app.eof
+        assert not app.lost
+
+    run("asyncio", main())
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+def test_close_notify_after_data_in_one_read(server_tls: TlsFiles, with_data: bool) -> None:
+    async def main() -> None:
+        tls, app, peer, raw = await _connected(server_tls)
+        data = peer.record(b"last words") if with_data else b""
+        _feed(tls, data + peer.close_notify())
+        assert app.chunks == ([b"last words"] if with_data else [])
+        assert app.eof
+        assert tls.is_closing()
+        assert raw.closed
+
+    run("asyncio", main())
+
+
+def test_a_corrupt_record_ends_the_connection_after_the_good_ones(server_tls: TlsFiles) -> None:
+    async def main() -> None:
+        tls, app, peer, raw = await _connected(server_tls)
+        good = peer.record(b"good")
+        bad = bytearray(peer.record(b"tampered"))
+        bad[-1] ^= 1  # the AEAD tag no longer matches
+        _feed(tls, good + bytes(bad))
+        assert app.chunks == [b"good"]
+        assert app.lost
+        assert isinstance(app.lost_exc, ssl.SSLError)
+        assert raw.closed
+        # alone, as the first record of a read
+        tls2, app2, peer2, _ = await _connected(server_tls)
+        bad2 = bytearray(peer2.record(b"tampered"))
+        bad2[-1] ^= 1
+        _feed(tls2, bytes(bad2))
+        assert app2.chunks == []
+        assert isinstance(app2.lost_exc, ssl.SSLError)
+
+    run("asyncio", main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import ssl
@@ -13,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
+from lakeproxy.emulator.certs import make_certs
 from lakeproxy.errors import ConfigError
 from lakeproxy.upstream import (
     UpstreamTarget,
@@ -131,3 +133,52 @@ def test_target_dial_host_and_str() -> None:
     assert t.dial_host == "10.0.0.1"
     assert str(t) == "ep.example.com:5432 (via 10.0.0.1)"
     assert UpstreamTarget("ep.example.com").dial_host == "ep.example.com"
+
+
+def _server_hellos(client: ssl.SSLContext, server: ssl.SSLContext) -> int:
+    """Run a TLS 1.3 handshake in memory; count the ServerHellos the client
+    read (2 when the server answered the first ClientHello with a
+    HelloRetryRequest, which is a ServerHello on the wire)."""
+    seen: list[object] = []
+
+    def record(conn: object, direction: object, version: object, content_type: object,
+               msg_type: object, data: bytes) -> None:
+        if direction == "read" and getattr(msg_type, "name", None) == "SERVER_HELLO":
+            seen.append(msg_type)
+
+    client._msg_callback = record  # type: ignore[attr-defined]
+    try:
+        c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+        c = client.wrap_bio(c_in, c_out, server_hostname="pg.test")
+        s = server.wrap_bio(s_in, s_out, server_side=True)
+        for _ in range(10):
+            for obj in (c, s):
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    obj.do_handshake()
+            s_in.write(c_out.read())
+            c_in.write(s_out.read())
+        assert c.version() == "TLSv1.3"
+    finally:
+        client._msg_callback = None  # type: ignore[attr-defined]
+    return len(seen)
+
+
+def test_no_hello_retry_from_a_postgresql_default_server(tmp_path: Path) -> None:
+    # PostgreSQL's default ssl_ecdh_curve (prime256v1) accepts P-256 only:
+    # OpenSSL's default client offers X25519 first and gets a HelloRetryRequest;
+    # lakeproxy's context offers P-256 and does not.
+    files = make_certs(tmp_path, ["pg.test"])
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(files.cert_file, files.key_file)
+    server.set_ecdh_curve("prime256v1")
+    default = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    default.load_verify_locations(files.ca_file)
+    assert _server_hellos(default, server) == 2
+    clear_ssl_context_cache()
+    ours = make_ssl_context("verify-full", str(files.ca_file))
+    assert _server_hellos(ours, server) == 1
+    # and a server with OpenSSL's default groups (X25519 first) still agrees
+    plain = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    plain.load_cert_chain(files.cert_file, files.key_file)
+    assert _server_hellos(ours, plain) == 1
+    clear_ssl_context_cache()
