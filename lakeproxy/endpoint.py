@@ -27,6 +27,7 @@ from lakeproxy.session import ClientAuthenticator
 from lakeproxy.upstream import (
     UpstreamConnection,
     UpstreamTarget,
+    clear_ssl_context_cache,
     connect_with_retry,
     make_ssl_context,
     send_cancel,
@@ -201,6 +202,14 @@ class Runtime:
         except (OSError, ssl.SSLError) as exc:
             log.error("reload failed, keeping the old configuration: client TLS: %s", exc)
             return
+        # CA files are read again even where no setting changed (a CA rotated
+        # in place); kept dialers get the new contexts too.
+        clear_ssl_context_cache()
+        try:
+            contexts = [make_ssl_context(ep.sslmode, ep.sslrootcert) for ep in new.endpoints]
+        except ConfigError as exc:
+            log.error("reload failed, keeping the old configuration: %s", exc)
+            return
         old = self.dialers
         kept: list[EndpointDialer] = []
         try:
@@ -218,6 +227,8 @@ class Runtime:
             return
         self.config = new
         self.dialers = dialers
+        for d, ctx in zip(dialers, contexts, strict=True):
+            d.ssl_context = ctx
         self.server.reconfigure(
             new,
             [Endpoint(ep, d, d.credentials.ready)

@@ -20,6 +20,7 @@ import pytest
 
 from lakeproxy.emulator import Emulator
 from lakeproxy.emulator.api import OIDC_PATH, POSTGRES_CREDENTIALS_PATH
+from lakeproxy.emulator.certs import make_certs
 
 from .proxy_process import ProxyProcess, running
 
@@ -226,6 +227,40 @@ async def test_sighup_new_credentials_apply_to_new_connections(
         assert await _one(conn, "SELECT current_user") == emulator.role
         await conn.close()
     assert secret not in p.output
+
+
+async def test_sighup_rereads_a_ca_file_replaced_in_place(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    """PGSSLROOTCERT keeps its path but gets new contents (a CA rotation): the
+    reload verifies new connections against the new file, though no setting
+    changed."""
+    ca = tmp_path / "root.pem"
+    other = make_certs(tmp_path / "other", ["elsewhere.test"])
+    ca.write_bytes(other.ca_file.read_bytes())  # not the emulator's CA
+    env = _env(emulator, PGSSLROOTCERT=str(ca))
+    async with asyncio.timeout(T), running(env) as p:
+        await p.wait_ready()
+        with pytest.raises(psycopg.OperationalError, match="certificate"):
+            await _connect(p)
+
+        ca.write_bytes(emulator.ca_file.read_bytes())
+        mark = len(p.stderr)
+        p.signal(signal.SIGHUP)
+        await p.wait_for_line("configuration reloaded", after=mark)
+        conn = await _connect(p)
+        assert await _one(conn, "SELECT 1") == 1
+        await conn.close()
+
+        # A CA file that no longer loads: reported, and the last good one stays.
+        ca.write_text("not a certificate\n")
+        mark = len(p.stderr)
+        p.signal(signal.SIGHUP)
+        line = await p.wait_for_line("reload failed", after=mark)
+        assert str(ca) in line
+        conn = await _connect(p)
+        assert await _one(conn, "SELECT 2") == 2
+        await conn.close()
 
 
 # --------------------------------------------------------------------------- client limit
