@@ -145,6 +145,13 @@ async def test_sigint_with_no_sessions_exits_0(emulator: Emulator) -> None:
         assert await p.wait(10) == 0
 
 
+async def _sighup(p: ProxyProcess, expect: str) -> str:
+    """Send SIGHUP and return the first log line after it containing ``expect``."""
+    mark = len(p.stderr)
+    p.signal(signal.SIGHUP)
+    return await p.wait_for_line(expect, after=mark)
+
+
 # --------------------------------------------------------------------------- SIGHUP
 
 
@@ -162,9 +169,7 @@ async def test_sighup_rereads_the_config_file(emulator: Emulator, tmp_path: Path
 
         # Lower the limit to 1: applies to new connections at once.
         config.write_text("[proxy]\nmax_clients = 1\n")
-        mark = len(p.stderr)
-        p.signal(signal.SIGHUP)
-        await p.wait_for_line(f"configuration reloaded from {config}", after=mark)
+        await _sighup(p, f"configuration reloaded from {config}")
         refusal = await _asyncpg_refusal(port)
         assert refusal.sqlstate == "53300"
         assert "too many clients already (1)" in str(refusal)
@@ -175,27 +180,20 @@ async def test_sighup_rereads_the_config_file(emulator: Emulator, tmp_path: Path
 
         # A broken file is reported; the last good configuration stays.
         config.write_text("[proxy\nmax_clients = 7\n")
-        mark = len(p.stderr)
-        p.signal(signal.SIGHUP)
-        line = await p.wait_for_line("reload failed, keeping the old configuration",
-                                     after=mark)
+        line = await _sighup(p, "reload failed, keeping the old configuration")
         assert "not valid TOML" in line
         assert (await _asyncpg_refusal(port)).sqlstate == "53300"
 
         # A bad value too (one line naming the key and the file).
         config.write_text("[proxy]\nmax_clients = -1\n")
-        mark = len(p.stderr)
-        p.signal(signal.SIGHUP)
-        line = await p.wait_for_line("reload failed", after=mark)
+        line = await _sighup(p, "reload failed")
         assert "max_clients" in line
         assert (await _asyncpg_refusal(port)).sqlstate == "53300"
         assert await _one(first, "SELECT 2") == 2
 
         # Fixed again: the limit goes back up.
         config.write_text("[proxy]\nmax_clients = 3\n")
-        mark = len(p.stderr)
-        p.signal(signal.SIGHUP)
-        await p.wait_for_line("configuration reloaded", after=mark)
+        await _sighup(p, "configuration reloaded")
         again = await _connect(p)
         assert await _one(again, "SELECT 3") == 3
         await again.close()
@@ -245,18 +243,14 @@ async def test_sighup_rereads_a_ca_file_replaced_in_place(
             await _connect(p)
 
         ca.write_bytes(emulator.ca_file.read_bytes())
-        mark = len(p.stderr)
-        p.signal(signal.SIGHUP)
-        await p.wait_for_line("configuration reloaded", after=mark)
+        await _sighup(p, "configuration reloaded")
         conn = await _connect(p)
         assert await _one(conn, "SELECT 1") == 1
         await conn.close()
 
         # A CA file that no longer loads: reported, and the last good one stays.
         ca.write_text("not a certificate\n")
-        mark = len(p.stderr)
-        p.signal(signal.SIGHUP)
-        line = await p.wait_for_line("reload failed", after=mark)
+        line = await _sighup(p, "reload failed")
         assert str(ca) in line
         conn = await _connect(p)
         assert await _one(conn, "SELECT 2") == 2
@@ -312,9 +306,7 @@ async def test_sighup_client_password_applies_to_new_connections(
         trusted = await _connect(p)  # no password needed yet
 
         config.write_text('[proxy]\nclient_password = "now-a-password-1"\n')
-        mark = len(p.stderr)
-        p.signal(signal.SIGHUP)
-        await p.wait_for_line("configuration reloaded", after=mark)
+        await _sighup(p, "configuration reloaded")
         with pytest.raises(asyncpg.InvalidPasswordError):
             await asyncpg.connect(host="127.0.0.1", port=port, user="app", database=DB,
                                   password="wrong", ssl=False, timeout=10)
