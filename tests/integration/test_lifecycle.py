@@ -146,7 +146,7 @@ async def test_sigint_with_no_sessions_exits_0(emulator: Emulator) -> None:
 
 
 async def _sighup(p: ProxyProcess, expect: str) -> str:
-    """Send SIGHUP and return the first log line after it containing ``expect``."""
+    """Send SIGHUP; return the first log line after it that matches ``expect`` (a regex)."""
     mark = len(p.stderr)
     p.signal(signal.SIGHUP)
     return await p.wait_for_line(expect, after=mark)
