@@ -20,15 +20,17 @@ from lakeproxy.auth.databricks import DatabricksApi
 from lakeproxy.auth.provider import Credential
 from lakeproxy.client_auth import ScramAuthenticator, ScramVerifier
 from lakeproxy.config import Config, DatabricksConfig, EndpointConfig, reload_config
-from lakeproxy.errors import ConfigError, CredentialError, LakeproxyError
+from lakeproxy.errors import ConfigError, CredentialError, LakeproxyError, UpstreamConnectError
 from lakeproxy.metrics import Metrics
 from lakeproxy.server import Endpoint, ProxyServer
 from lakeproxy.session import ClientAuthenticator
 from lakeproxy.upstream import (
+    TlsGroups,
     UpstreamConnection,
     UpstreamTarget,
     clear_ssl_context_cache,
     connect_with_retry,
+    handshake_refused,
     make_ssl_context,
     send_cancel,
 )
@@ -62,8 +64,18 @@ class EndpointDialer:
         self.config = config
         self.credentials = credentials
         self.metrics = metrics
+        self._groups: TlsGroups = "p256"
         self.ssl_context: ssl.SSLContext = make_ssl_context(config.sslmode, config.sslrootcert)
         self._host: str | None = config.host
+
+    def reload_tls(self) -> None:
+        """Build this endpoint's TLS context from the CA file again (SIGHUP).
+
+        Raises:
+            ConfigError: the CA file cannot be loaded.
+        """
+        c = self.config
+        self.ssl_context = make_ssl_context(c.sslmode, c.sslrootcert, groups=self._groups)
 
     def describe(self) -> str:
         where = self._host or "(host looked up)"
@@ -93,10 +105,27 @@ class EndpointDialer:
             return fresh.token
 
         m = self.metrics
+        on_retry = (lambda _exc: m.upstream_retry()) if m is not None else None
+        groups = self._groups
+        try:
+            return await connect_with_retry(
+                target, cred.token, params, deadline=deadline, ssl_context=self.ssl_context,
+                refresh_credential=refresh, on_retry=on_retry,
+            )
+        except UpstreamConnectError as exc:
+            if groups != "p256" or not handshake_refused(exc):
+                raise
+            # P-256 is mandatory for TLS 1.3 servers, but one that refuses it
+            # must still be reachable: offer OpenSSL's default groups from now on.
+            if self._groups == "p256":
+                log.warning("endpoint %s refused a TLS handshake offering only P-256; "
+                            "offering OpenSSL's default key-exchange groups from now on",
+                            self.config.label)
+                self._groups = "default"
+                self.reload_tls()
         return await connect_with_retry(
-            target, cred.token, params, deadline=deadline, ssl_context=self.ssl_context,
-            refresh_credential=refresh,
-            on_retry=(lambda _exc: m.upstream_retry()) if m is not None else None,
+            target, used[-1].token, params, deadline=deadline, ssl_context=self.ssl_context,
+            refresh_credential=refresh, on_retry=on_retry,
         )
 
     async def cancel(self, process_id: int, secret: bytes) -> None:
@@ -206,7 +235,8 @@ class Runtime:
         # in place); kept dialers get the new contexts too.
         clear_ssl_context_cache()
         try:
-            contexts = [make_ssl_context(ep.sslmode, ep.sslrootcert) for ep in new.endpoints]
+            for ep in new.endpoints:
+                make_ssl_context(ep.sslmode, ep.sslrootcert)
         except ConfigError as exc:
             log.error("reload failed, keeping the old configuration: %s", exc)
             return
@@ -227,8 +257,11 @@ class Runtime:
             return
         self.config = new
         self.dialers = dialers
-        for d, ctx in zip(dialers, contexts, strict=True):
-            d.ssl_context = ctx
+        for d in kept:
+            try:
+                d.reload_tls()  # from the files just loaded (a fallback dialer builds its own)
+            except ConfigError as exc:  # the file changed again since: keep the old context
+                log.error("reload: %s keeps its TLS context: %s", d.config.label, exc)
         self.server.reconfigure(
             new,
             [Endpoint(ep, d, d.credentials.ready)

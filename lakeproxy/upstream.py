@@ -49,11 +49,13 @@ from lakeproxy.wire.upstream_handshake import (
 
 __all__ = [
     "SslMode",
+    "TlsGroups",
     "UpstreamConnection",
     "UpstreamTarget",
     "clear_ssl_context_cache",
     "connect",
     "connect_with_retry",
+    "handshake_refused",
     "make_ssl_context",
     "send_cancel",
     "tls_server_end_point",
@@ -112,15 +114,22 @@ class UpstreamTarget:
 
 # ---------------------------------------------------------------------------- TLS contexts
 
-_contexts: dict[tuple[str, str], ssl.SSLContext] = {}
+_contexts: dict[tuple[str, str, str], ssl.SSLContext] = {}
 _contexts_lock = threading.Lock()
 
 
 #: The one key-exchange group offered to the endpoint (see _build_ssl_context).
 UPSTREAM_TLS_GROUP: Final = "prime256v1"
 
+#: Key-exchange groups a context offers: ``p256`` (:data:`UPSTREAM_TLS_GROUP`
+#: only, the default) or ``default`` (OpenSSL's list, X25519 first), the
+#: fallback for an endpoint that refuses P-256 (see :func:`handshake_refused`).
+TlsGroups = Literal["p256", "default"]
 
-def make_ssl_context(sslmode: str, sslrootcert: str = "system") -> ssl.SSLContext:
+
+def make_ssl_context(
+    sslmode: str, sslrootcert: str = "system", *, groups: TlsGroups = "p256"
+) -> ssl.SSLContext:
     """Return the client TLS context for ``(sslmode, sslrootcert)``, built once
     and shared by every later call with the same pair.
 
@@ -133,11 +142,11 @@ def make_ssl_context(sslmode: str, sslrootcert: str = "system") -> ssl.SSLContex
     Raises:
         ConfigError: unknown ``sslmode``, or no CA could be loaded.
     """
-    key = (sslmode, sslrootcert)
+    key = (sslmode, sslrootcert, groups)
     with _contexts_lock:
         ctx = _contexts.get(key)
         if ctx is None:
-            ctx = _build_ssl_context(sslmode, sslrootcert)
+            ctx = _build_ssl_context(sslmode, sslrootcert, groups)
             _contexts[key] = ctx
         return ctx
 
@@ -148,7 +157,19 @@ def clear_ssl_context_cache() -> None:
         _contexts.clear()
 
 
-def _build_ssl_context(sslmode: str, sslrootcert: str) -> ssl.SSLContext:
+def handshake_refused(exc: BaseException | None) -> bool:
+    """True when ``exc``, or an exception it was raised from, is the endpoint's
+    handshake_failure alert: what a server sends when it shares no key-exchange
+    group (or cipher) with the ClientHello."""
+    while exc is not None:
+        if (isinstance(exc, ssl.SSLError)
+                and getattr(exc, "reason", None) == "SSLV3_ALERT_HANDSHAKE_FAILURE"):
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _build_ssl_context(sslmode: str, sslrootcert: str, groups: TlsGroups) -> ssl.SSLContext:
     if sslmode not in SSL_MODES:
         raise ConfigError([
             f"PGSSLMODE={sslmode!r} is not supported: use require, verify-ca or verify-full"
@@ -160,8 +181,10 @@ def _build_ssl_context(sslmode: str, sslrootcert: str) -> ssl.SSLContext:
     # server accepts with its default ssl_ecdh_curve. OpenSSL's default
     # offers X25519 first, which such a server answers with a
     # HelloRetryRequest: one more round trip and key pair per connection
-    # (benchmarks/README.md, "new connections").
-    ctx.set_ecdh_curve(UPSTREAM_TLS_GROUP)
+    # (benchmarks/README.md, "new connections"). An endpoint that refuses it
+    # gets OpenSSL's default list instead (EndpointDialer.connect).
+    if groups == "p256":
+        ctx.set_ecdh_curve(UPSTREAM_TLS_GROUP)
     if sslmode == "require":
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
