@@ -94,6 +94,47 @@ def table(results: Results, metric_list: Sequence[Metric]) -> str:
     return "\n".join(rows)
 
 
+#: Ratios worth a row round by round: (metric, lakeproxy ÷ this path).
+PAIRED: Final = (
+    ("s1_tps", "direct"),
+    ("s1_tps", "pgbouncer"),
+    ("s8_tps", "pgbouncer"),
+    ("s8_cpu_s_per_10k", "pgbouncer"),
+    ("connect_per_s", "direct"),
+    ("copy_out_mb_s", "direct"),
+    ("copy_in_mb_s", "direct"),
+)
+_PATH_NAMES: Final = {"direct": "direct TLS", "pgbouncer": "PgBouncer"}
+
+
+def paired(results: Results, key: str, over: str) -> list[float] | None:
+    """lakeproxy ÷ ``over`` for ``key``, round by round (a round runs the paths
+    back to back); None unless both have one nonzero value per round."""
+    a, b = results.get("lakeproxy", {}).get(key), results.get(over, {}).get(key)
+    if not a or not b or len(a) != len(b) or not all(b):
+        return None
+    return [x / y for x, y in zip(a, b, strict=True)]
+
+
+def rounds_table(results: Results, metric_list: Sequence[Metric]) -> str:
+    """Markdown: the :data:`PAIRED` ratios per round and their median ("" with
+    fewer than two rounds)."""
+    labels = {m.key: m.label for m in metric_list}
+    rows = [(f"{labels[k]} ÷ {_PATH_NAMES[o]}", r) for k, o in PAIRED
+            if (r := paired(results, k, o)) is not None and len(r) > 1]
+    if not rows:
+        return ""
+    n = max(len(r) for _, r in rows)
+    out = [
+        "| lakeproxy ÷ | " + " | ".join(f"round {i + 1}" for i in range(n)) + " | median |",
+        "| --- |" + " ---: |" * (n + 1),
+    ]
+    for label, r in rows:
+        cells = [f"{v:.2f}x" for v in r] + ["-"] * (n - len(r))
+        out.append(f"| {label} | {' | '.join(cells)} | {statistics.median(r):.2f}x |")
+    return "\n".join(out)
+
+
 @dataclass(frozen=True, slots=True)
 class Check:
     """One of issue #5's targets: what, the goal, what was reached, met or not

@@ -307,6 +307,22 @@ class Bench:
                         raise
 
 
+def _rounds_section(table: str) -> list[str]:
+    """The round-by-round ratios, when there are at least two rounds."""
+    if not table:
+        return []
+    return [
+        "## Round by round",
+        "",
+        "A round runs the paths back to back, so each ratio below pairs runs taken"
+        " minutes apart at most; their median is less exposed to the machine's drift"
+        " than the ratio of the medians above (which the targets use).",
+        "",
+        table,
+        "",
+    ]
+
+
 def log(msg: str) -> None:
     """Progress on stderr with a timestamp."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -348,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
             report.table(bench.results, metric_list),
             "",
+            *_rounds_section(report.rounds_table(bench.results, metric_list)),
             "## Targets (issue #5)",
             "",
             report.checks_table(checks),

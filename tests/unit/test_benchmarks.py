@@ -80,6 +80,33 @@ def test_report_ratios_and_checks() -> None:
     }
 
 
+
+def test_round_by_round_ratios() -> None:
+    results = {
+        "direct": {"s1_tps": [10_000.0, 20_000.0, 10_000.0], "connect_per_s": [100.0, 0.0]},
+        "pgbouncer": {"s1_tps": [8_000.0, 16_000.0, 5_000.0], "s8_tps": [1.0]},
+        "lakeproxy": {
+            "s1_tps": [8_000.0, 16_000.0, 6_000.0],
+            "s8_tps": [2.0],  # one round: no row
+            "connect_per_s": [90.0, 80.0],  # a zero on the other side: no row
+        },
+    }
+    assert report.paired(results, "s1_tps", "direct") == pytest.approx([0.8, 0.8, 0.6])
+    assert report.paired(results, "s1_tps", "pgbouncer") == pytest.approx([1.0, 1.0, 1.2])
+    assert report.paired(results, "connect_per_s", "direct") is None
+    assert report.paired(results, "copy_in_mb_s", "direct") is None
+    uneven = {"direct": {"s1_tps": [1.0, 2.0]}, "lakeproxy": {"s1_tps": [1.0]}}
+    assert report.paired(uneven, "s1_tps", "direct") is None
+    metric_list = report.metrics(copy_mb=300, idle=1000, connect_clients=4)
+    md = report.rounds_table(results, metric_list)
+    assert md.splitlines() == [
+        "| lakeproxy ÷ | round 1 | round 2 | round 3 | median |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        "| pgbench -S, 1 client: TPS ÷ direct TLS | 0.80x | 0.80x | 0.60x | 0.80x |",
+        "| pgbench -S, 1 client: TPS ÷ PgBouncer | 1.00x | 1.00x | 1.20x | 1.00x |",
+    ]
+    assert report.rounds_table({"lakeproxy": {"s1_tps": [1.0]}}, metric_list) == ""
+
 @pytest.mark.slow
 def test_side_by_side_harness_smoke(tmp_path: Path) -> None:
     """The whole harness on tiny sizes: TLS PostgreSQL, PgBouncer, every test."""
