@@ -260,51 +260,46 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         # An SSL_read takes exactly one record from the BIO (no read-ahead):
         # once the BIO is empty nothing is left, and no read is wasted on
         # raising SSLWantReadError. A partial record raises it, once.
+        eof = False
         try:
-            first = self._read_bytes(MAX_RECORD)
+            data = self._read_bytes(MAX_RECORD)
+            eof = not data  # b"": close_notify
         except _WantRead:
-            first = None
+            data = b""
         except ssl.SSLError as exc:
             self._fatal(exc)
             return
-        if first is None or not incoming.pending:
-            if self._outgoing.pending:  # e.g. a KeyUpdate answer
-                self._raw.write(self._outgoing.read())
-            if first:
-                self.bytes_received += len(first)
-                self._app_data(first)
-            elif first is not None:  # b"": close_notify
-                self.eof_received()
-            return
-        read = self._read
-        out = self._out
-        pos = len(first)
-        out[:pos] = first
-        eof = not first
-        try:
-            while not eof and incoming.pending:
-                if pos > _OUT_LIMIT:  # only when more than one socket read arrived
+        if data and incoming.pending:
+            # More records came with it (bulk): into the plaintext buffer after it.
+            read = self._read
+            out = self._out
+            pos = len(data)
+            out[:pos] = data
+            try:
+                while incoming.pending:
+                    if pos > _OUT_LIMIT:  # only when more than one socket read arrived
+                        self.bytes_received += pos
+                        self._app_data(bytes(out[:pos]))
+                        pos = 0
+                    n = read(MAX_RECORD, out[pos:])
+                    if not n:  # close_notify
+                        eof = True
+                        break
+                    pos += n
+            except _WantRead:
+                pass
+            except ssl.SSLError as exc:
+                if pos:  # what was decrypted before the bad record still goes through
                     self.bytes_received += pos
                     self._app_data(bytes(out[:pos]))
-                    pos = 0
-                n = read(MAX_RECORD, out[pos:])
-                if not n:  # close_notify
-                    eof = True
-                    break
-                pos += n
-        except _WantRead:
-            pass
-        except ssl.SSLError as exc:
-            if pos:  # what was decrypted before the bad record still goes through
-                self.bytes_received += pos
-                self._app_data(bytes(out[:pos]))
-            self._fatal(exc)
-            return
-        if self._outgoing.pending:
+                self._fatal(exc)
+                return
+            data = bytes(out[:pos])
+        if self._outgoing.pending:  # e.g. a KeyUpdate answer
             self._raw.write(self._outgoing.read())
-        if pos:
-            self.bytes_received += pos
-            self._app_data(bytes(out[:pos]))
+        if data:
+            self.bytes_received += len(data)
+            self._app_data(data)
         if eof:
             self.eof_received()
 
