@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import ssl
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 
 from lakeproxy.auth.cache import CachedCredentials
 from lakeproxy.auth.databricks import DatabricksApi
@@ -105,13 +105,17 @@ class EndpointDialer:
             return fresh.token
 
         m = self.metrics
-        on_retry = (lambda _exc: m.upstream_retry()) if m is not None else None
+
+        def attempt() -> Awaitable[UpstreamConnection]:
+            return connect_with_retry(
+                target, used[-1].token, params, deadline=deadline, ssl_context=self.ssl_context,
+                refresh_credential=refresh,
+                on_retry=(lambda _exc: m.upstream_retry()) if m is not None else None,
+            )
+
         groups = self._groups
         try:
-            return await connect_with_retry(
-                target, cred.token, params, deadline=deadline, ssl_context=self.ssl_context,
-                refresh_credential=refresh, on_retry=on_retry,
-            )
+            return await attempt()
         except UpstreamConnectError as exc:
             if groups != "p256" or not handshake_refused(exc):
                 raise
@@ -123,10 +127,7 @@ class EndpointDialer:
                             self.config.label)
                 self._groups = "default"
                 self.reload_tls()
-        return await connect_with_retry(
-            target, used[-1].token, params, deadline=deadline, ssl_context=self.ssl_context,
-            refresh_credential=refresh, on_retry=on_retry,
-        )
+        return await attempt()
 
     async def cancel(self, process_id: int, secret: bytes) -> None:
         loop = asyncio.get_running_loop()
