@@ -95,7 +95,31 @@ class EmulatorInfo:
     role: str
 
 
-class EmulatorProcess:
+class _Managed:
+    """``async with``: :meth:`start` on entry (and :meth:`stop` if that fails),
+    :meth:`stop` on exit."""
+
+    async def start(self) -> object:
+        raise NotImplementedError
+
+    async def stop(self) -> object:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+class EmulatorProcess(_Managed):
     """The emulator in a child process (so its CPU and memory are not the proxy's)."""
 
     def __init__(
@@ -209,19 +233,6 @@ class EmulatorProcess:
             proc.kill()
             await proc.wait()
 
-    async def __aenter__(self) -> Self:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
-
 
 async def _serve_emulator(workdir: Path, max_connections: int, lifetime: float) -> None:
     """The child side: start, print one JSON line, answer ``stats``, stop on SIGTERM/EOF."""
@@ -289,7 +300,7 @@ async def _serve_emulator(workdir: Path, max_connections: int, lifetime: float) 
 # ----------------------------------------------------------------------------- proxy
 
 
-class ProxyProcess:
+class ProxyProcess(_Managed):
     """``python -m lakeproxy run`` in front of the emulator, with an admin port."""
 
     def __init__(
@@ -401,19 +412,6 @@ class ProxyProcess:
                 await proc.wait()
                 self.exit_code = None
         return self.exit_code
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self.start()
-        except BaseException:
-            await self.stop()
-            raise
-        return self
-
-    async def __aexit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
 
 # ----------------------------------------------------------------------------- sampling
