@@ -81,21 +81,10 @@ async def slow_read(
     sampler = Sampler(pid, interval=interval)
     start = sampler.sample()
     sampler.start()
-    got = hashlib.sha256()
-    n = 0
     started = time.monotonic()
     try:
         sql = f"COPY (SELECT repeat('x', 1023) FROM generate_series(1, {rows})) TO STDOUT"  # noqa: S608
-        pace = 0
-        async for data in conn.copy_out(sql):
-            got.update(data)
-            n += len(data)
-            pace += len(data)
-            if pace >= 64 * 1024:
-                pace = 0
-                ahead = n / (rate * MiB) - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
+        digest, n = await conn.copy_out_paced(sql, rate * MiB)
     finally:
         seconds = time.monotonic() - started
         await sampler.stop()
@@ -106,7 +95,7 @@ async def slow_read(
         rate_mib_s=rate,
         seconds=seconds,
         bytes_read=n,
-        checksum_ok=got.digest() == expected_digest(rows),
+        checksum_ok=digest == expected_digest(rows),
         rss_start_mib=start.rss / MiB,
         rss_peak_mib=sampler.peak_rss / MiB,
         rss_end_mib=end.rss / MiB,

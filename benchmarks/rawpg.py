@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import socket
 import struct
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
@@ -152,19 +154,27 @@ class PgConn:
                     raise error
                 return rows
 
+    async def _start_copy(self, sql: str, tag: bytes, what: str) -> None:
+        """Send a COPY query and read its Copy{In,Out}Response (``tag``).
+
+        Raises:
+            ServerError: the server refused the COPY, or answered something else.
+        """
+        self.writer.write(_msg(b"Q", sql.encode() + b"\x00"))
+        got, body = await self.read_message()
+        if got == b"E":
+            await self.until_ready()
+            raise parse_error(body)
+        if got != tag:
+            raise ServerError("08P01", f"expected {what}, got {got!r}")
+
     async def copy_in(self, sql: str, chunks: Iterable[bytes]) -> int:
         """``COPY ... FROM STDIN`` with ``chunks`` as CopyData; returns the row count.
 
         Raises:
             ServerError: the COPY failed.
         """
-        self.writer.write(_msg(b"Q", sql.encode() + b"\x00"))
-        tag, body = await self.read_message()
-        if tag == b"E":
-            await self.until_ready()
-            raise parse_error(body)
-        if tag != b"G":
-            raise ServerError("08P01", f"expected CopyInResponse, got {tag!r}")
+        await self._start_copy(sql, b"G", "CopyInResponse")
         for chunk in chunks:
             self.writer.write(_msg(b"d", chunk))
             await self.writer.drain()
@@ -191,13 +201,7 @@ class PgConn:
         Raises:
             ServerError: the COPY failed.
         """
-        self.writer.write(_msg(b"Q", sql.encode() + b"\x00"))
-        tag, body = await self.read_message()
-        if tag == b"E":
-            await self.until_ready()
-            raise parse_error(body)
-        if tag != b"H":
-            raise ServerError("08P01", f"expected CopyOutResponse, got {tag!r}")
+        await self._start_copy(sql, b"H", "CopyOutResponse")
         while True:
             tag, body = await self.read_message()
             if tag == b"d":
@@ -210,6 +214,29 @@ class PgConn:
         error = await self.until_ready()
         if error is not None:
             raise error
+
+    async def copy_out_paced(self, sql: str, bytes_per_s: float) -> tuple[bytes, int]:
+        """:meth:`copy_out` read no faster than ``bytes_per_s`` (checked every
+        64 KiB), as a slow client reads; returns the SHA-256 of the data and
+        its length.
+
+        Raises:
+            ServerError: the COPY failed.
+        """
+        got = hashlib.sha256()
+        n = 0
+        pace = 0
+        started = time.monotonic()
+        async for data in self.copy_out(sql):
+            got.update(data)
+            n += len(data)
+            pace += len(data)
+            if pace >= 64 * 1024:
+                pace = 0
+                ahead = n / bytes_per_s - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+        return got.digest(), n
 
     def send_query(self, sql: str) -> None:
         """Send a query without waiting for anything (then read or abort)."""

@@ -204,26 +204,14 @@ def _slow_reader_digest(rows: int) -> bytes:
 async def s_slow_reader(ctx: Ctx) -> None:
     conn = await ctx.login()
     try:
-        got = hashlib.sha256()
-        n = 0
-        pace = 0
-        started = time.monotonic()
         sql = (
             f"COPY (SELECT repeat(md5(i::text), 64) FROM generate_series(1, "  # noqa: S608
             f"{SLOW_READER_ROWS}) i) TO STDOUT"
         )
-        async for data in conn.copy_out(sql):
-            got.update(data)
-            n += len(data)
-            pace += len(data)
-            if pace >= 64 * 1024:
-                pace = 0
-                ahead = n / SLOW_READER_RATE - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
+        digest, n = await conn.copy_out_paced(sql, SLOW_READER_RATE)
         ctx.tally.checksums += 1
         ctx.tally.bytes_checked += n
-        if got.digest() != _slow_reader_digest(SLOW_READER_ROWS):
+        if digest != _slow_reader_digest(SLOW_READER_ROWS):
             ctx.tally.mismatches += 1
             raise Mismatch(f"slow reader: {n} bytes, digest differs")
     finally:
