@@ -362,13 +362,7 @@ class Stack:
             )
         assert self._pgbouncer is not None
         _wait_port(port, self._pgbouncer, log, "pgbouncer")
-        self.targets["pgbouncer"] = Target(
-            "pgbouncer",
-            f"host=127.0.0.1 port={port} dbname={DATABASE} user={self.role} sslmode=disable",
-            pid=self._pgbouncer.pid,
-            host="127.0.0.1",
-            port=port,
-        )
+        self.targets["pgbouncer"] = self._proxy_target("pgbouncer", port, self._pgbouncer.pid)
 
     def _start_lakeproxy(self) -> None:
         assert self.cluster is not None
@@ -404,15 +398,20 @@ class Stack:
                 cwd=self.workdir,
             )
         _wait_port(port, self._lakeproxy, log, "lakeproxy")
-        self.targets["lakeproxy"] = Target(
-            "lakeproxy",
+        self.targets["lakeproxy"] = self._proxy_target("lakeproxy", port, self._lakeproxy.pid)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _proxy_target(self, name: TargetName, port: int, pid: int) -> Target:
+        """A proxy on 127.0.0.1:``port``, reached in plaintext as the role."""
+        return Target(
+            name,
             f"host=127.0.0.1 port={port} dbname={DATABASE} user={self.role} sslmode=disable",
-            pid=self._lakeproxy.pid,
+            pid=pid,
             host="127.0.0.1",
             port=port,
         )
 
-    # ------------------------------------------------------------------ helpers
 
     def client_env(self, target: Target) -> dict[str, str]:
         """The environment for a libpq client (pgbench, psql) of ``target``."""
