@@ -38,3 +38,23 @@ def memory(pid: int) -> Memory:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0]) * 1024  # reported in kB
     return Memory(values.get("VmRSS", 0), values.get("VmHWM", 0))
+
+
+def smaps(pid: int) -> dict[str, float]:
+    """Resident MiB of ``pid`` by kind of mapping, from /proc/PID/smaps:
+    ``heap`` (glibc's main arena, brk), ``anon`` (anonymous mappings: other
+    arenas, mmapped allocations, thread stacks), ``file`` (libraries, mapped
+    files), plus ``anon_maps``, the number of anonymous mappings. Raises
+    OSError when the process is gone."""
+    out = {"heap": 0.0, "anon": 0.0, "file": 0.0, "anon_maps": 0.0}
+    kind = "anon"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        first = line.split(maxsplit=6)
+        if "-" in first[0] and len(first) >= 5 and ":" in first[3]:  # a mapping's header
+            name = first[5] if len(first) > 5 else ""
+            kind = "heap" if name == "[heap]" else "file" if name.startswith("/") else "anon"
+            if kind == "anon" and not name:
+                out["anon_maps"] += 1
+        elif first[0] == "Rss:":
+            out[kind] += int(first[1]) / 1024
+    return {k: round(v, 1) for k, v in out.items()}

@@ -55,7 +55,16 @@ import asyncpg
 
 from benchmarks import machine, procstat
 from benchmarks.rawpg import PgConn, ServerError, cancel, reset, startup_packet
-from benchmarks.soakkit import EmulatorProcess, MiB, ProxyProcess, Sampler, raise_nofile, workdir
+from benchmarks.soakkit import (
+    ROOT,
+    EmulatorProcess,
+    MiB,
+    ProbeSchedule,
+    ProxyProcess,
+    Sampler,
+    raise_nofile,
+    workdir,
+)
 
 HOST = "127.0.0.1"
 #: A scenario that takes longer than this is counted as a hang.
@@ -73,6 +82,42 @@ WEIGHTS: dict[str, int] = {
     "abrupt_login": 8,
     "cancel": 5,
 }
+BIG_READER_ROWS = 25_000  # x 2049 bytes ~ 50 MiB
+BIG_READER_RATE = 1 * MiB
+#: Seconds into the load at which the "warm-up" RSS is taken.
+WARMUP_SECONDS = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class Mix:
+    """What the workers run: scenario weights, COPY sizes, and the extras that
+    run beside them (dedicated 1 MiB/s readers of 50 MiB, a backend killed
+    every ``kill_every`` seconds, an API fault every ``fault_every``)."""
+
+    weights: dict[str, int]
+    copy_bytes: tuple[int, int] = (256 * 1024, 2 * MiB)
+    big_readers: int = 0
+    kill_every: float = 0.0
+    fault_every: float = 0.0
+
+
+MIXES: dict[str, Mix] = {
+    # the mix RELIABILITY.md section 3 reports (1,000 clients x 10 min)
+    "default": Mix(WEIGHTS),
+    # issue #15's: short queries, 1-4 MB COPY in and out with checksums, idle
+    # sessions, resets mid-query and mid-COPY, three 1 MB/s readers of 50 MB,
+    # a backend killed every 20 s, API faults (RELIABILITY.md section 5)
+    "churn": Mix(
+        {"query": 25, "asyncpg": 10, "idle": 25, "copy": 15, "abrupt": 15,
+         "abrupt_login": 5, "cancel": 5},
+        copy_bytes=(1 * MiB, 4 * MiB), big_readers=3, kill_every=20.0, fault_every=30.0,
+    ),
+    # one kind of traffic each, beside idle sessions: where memory goes per scenario
+    "copy_in": Mix({"copy_in": 3, "idle": 1}, copy_bytes=(1 * MiB, 4 * MiB)),
+    "copy_out": Mix({"copy_out": 3, "idle": 1}),
+    "slow_reader": Mix({"slow_reader": 3, "idle": 1}),
+    "resets": Mix({"abrupt": 3, "abrupt_login": 1, "idle": 1}),
+}
 
 
 class Mismatch(Exception):
@@ -88,6 +133,8 @@ class Tally:
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     error_examples: dict[str, str] = field(default_factory=dict)
     logins: int = 0  # sessions that reached ReadyForQuery
+    kills: int = 0  # backends terminated by the churn mix's killer
+    faults: int = 0  # API faults injected
     cancels_sent: int = 0
     bytes_checked: int = 0
     checksums: int = 0
@@ -101,6 +148,7 @@ class Ctx:
     rng: random.Random
     tally: Tally
     t0: float
+    copy_bytes: tuple[int, int] = (256 * 1024, 2 * MiB)
 
     async def login(self) -> PgConn:
         conn = await PgConn.connect(HOST, self.port, ssl_request=self.rng.random() < 0.5)
@@ -173,7 +221,7 @@ async def s_copy(ctx: Ctx) -> None:
     try:
         await conn.query("CREATE TEMP TABLE soak (n int PRIMARY KEY, line text)")
         sent = hashlib.sha256()
-        size = ctx.rng.randrange(256 * 1024, 2 * MiB)
+        size = ctx.rng.randrange(*ctx.copy_bytes)
         chunks = list(_payload(ctx.rng, size))
         for c in chunks:
             sent.update(c)
@@ -193,6 +241,41 @@ async def s_copy(ctx: Ctx) -> None:
         await conn.close()
 
 
+async def s_copy_in(ctx: Ctx) -> None:
+    """COPY random rows in; the row count is checked."""
+    conn = await ctx.login()
+    try:
+        await conn.query("CREATE TEMP TABLE soak (n int, line text)")
+        chunks = list(_payload(ctx.rng, ctx.rng.randrange(*ctx.copy_bytes)))
+        rows = await conn.copy_in("COPY soak FROM STDIN", chunks)
+        if rows != sum(c.count(b"\n") for c in chunks):
+            raise Mismatch(f"COPY in: {rows} rows")
+    finally:
+        await conn.close()
+
+
+async def s_copy_out(ctx: Ctx) -> None:
+    """COPY out 1, 2 or 4 MiB of known rows as fast as they come; sha256 checked."""
+    conn = await ctx.login()
+    try:
+        rows = ctx.rng.choice([500, 1000, 2000])
+        digest, n = await conn.copy_out_paced(_known_rows(rows), float("inf"))
+        ctx.tally.checksums += 1
+        ctx.tally.bytes_checked += n
+        if digest != _slow_reader_digest(rows):
+            ctx.tally.mismatches += 1
+            raise Mismatch(f"COPY out: {n} bytes, digest differs")
+    finally:
+        await conn.close()
+
+
+def _known_rows(rows: int) -> str:
+    return (
+        f"COPY (SELECT repeat(md5(i::text), 64) FROM generate_series(1, "  # noqa: S608
+        f"{rows}) i) TO STDOUT"
+    )
+
+
 @cache
 def _slow_reader_digest(rows: int) -> bytes:
     h = hashlib.sha256()
@@ -204,16 +287,26 @@ def _slow_reader_digest(rows: int) -> bytes:
 async def s_slow_reader(ctx: Ctx) -> None:
     conn = await ctx.login()
     try:
-        sql = (
-            f"COPY (SELECT repeat(md5(i::text), 64) FROM generate_series(1, "  # noqa: S608
-            f"{SLOW_READER_ROWS}) i) TO STDOUT"
-        )
-        digest, n = await conn.copy_out_paced(sql, SLOW_READER_RATE)
+        digest, n = await conn.copy_out_paced(_known_rows(SLOW_READER_ROWS), SLOW_READER_RATE)
         ctx.tally.checksums += 1
         ctx.tally.bytes_checked += n
         if digest != _slow_reader_digest(SLOW_READER_ROWS):
             ctx.tally.mismatches += 1
             raise Mismatch(f"slow reader: {n} bytes, digest differs")
+    finally:
+        await conn.close()
+
+
+async def s_big_reader(ctx: Ctx) -> None:
+    """COPY out ~50 MiB read at 1 MiB/s (the churn mix's dedicated readers)."""
+    conn = await ctx.login()
+    try:
+        digest, n = await conn.copy_out_paced(_known_rows(BIG_READER_ROWS), BIG_READER_RATE)
+        ctx.tally.checksums += 1
+        ctx.tally.bytes_checked += n
+        if digest != _slow_reader_digest(BIG_READER_ROWS):
+            ctx.tally.mismatches += 1
+            raise Mismatch(f"big reader: {n} bytes, digest differs")
     finally:
         await conn.close()
 
@@ -274,7 +367,9 @@ async def s_cancel(ctx: Ctx) -> None:
             if not outcome.done():
                 outcome.cancel()
         error = outcome.result() if outcome.done() and not outcome.cancelled() else None
-        if error is None or error.sqlstate != "57014":
+        if error is not None and error.sqlstate != "57014":
+            raise error  # e.g. 57P01: the churn mix killed this backend
+        if error is None:
             raise Mismatch(f"10 cancel requests in 10 s did not cancel the query: {error}")
     finally:
         await conn.close()
@@ -285,7 +380,10 @@ SCENARIOS: dict[str, Callable[[Ctx], Awaitable[None]]] = {
     "asyncpg": s_asyncpg,
     "idle": s_idle,
     "copy": s_copy,
+    "copy_in": s_copy_in,
+    "copy_out": s_copy_out,
     "slow_reader": s_slow_reader,
+    "big_reader": s_big_reader,
     "abrupt": s_abrupt,
     "abrupt_login": s_abrupt_login,
     "cancel": s_cancel,
@@ -317,6 +415,51 @@ async def worker(ctx: Ctx, stop_at: float, names: list[str], weights: list[int])
         else:
             ctx.tally.ok[name] += 1
             ctx.tally.per_minute[int((time.monotonic() - ctx.t0) // 60)] += 1
+
+
+# ----------------------------------------------------------------------------- extras
+
+#: What a client sees when its backend is terminated under it: the server's
+#: 57P01, or the connection closing under a read or write.
+KILL_ERRORS = frozenset({
+    "57P01", "IncompleteReadError", "ConnectionResetError", "BrokenPipeError",
+    "ConnectionDoesNotExistError",
+})
+
+
+async def backend_killer(emu: EmulatorProcess, tally: Tally, every: float, stop_at: float) -> None:
+    """Terminate one random backend of the proxy's role every ``every`` seconds."""
+    assert emu.info is not None
+    role = emu.info.role.replace("'", "''")
+    loop = asyncio.get_running_loop()
+    while loop.time() + every < stop_at:
+        await asyncio.sleep(every)
+        with contextlib.suppress(RuntimeError):
+            killed = await emu.sql(
+                "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) AS t "  # noqa: S608
+                "FROM pg_stat_activity WHERE backend_type = 'client backend' AND "
+                f"usename = '{role}' ORDER BY random() LIMIT 1) k WHERE t"
+            )
+            tally.kills += int(killed or 0)
+
+
+async def api_faulter(emu: EmulatorProcess, tally: Tally, every: float, stop_at: float) -> None:
+    """Every ``every`` seconds, make the next two calls of each credential path
+    fail with 503 (the proxy retries; no client may notice)."""
+    from lakeproxy.auth.databricks import (
+        DATABASE_CREDENTIALS_PATH,
+        OIDC_TOKEN_PATH,
+        POSTGRES_CREDENTIALS_PATH,
+    )
+
+    paths = [POSTGRES_CREDENTIALS_PATH, OIDC_TOKEN_PATH, DATABASE_CREDENTIALS_PATH]
+    loop = asyncio.get_running_loop()
+    i = 0
+    while loop.time() + every < stop_at:
+        await asyncio.sleep(every)
+        await emu.fault(paths[i % len(paths)], 503, 2)
+        tally.faults += 1
+        i += 1
 
 
 # ----------------------------------------------------------------------------- the run
@@ -355,8 +498,18 @@ async def run(
     credential_lifetime: float,
     keep: bool,
     proxy_env: dict[str, str] | None = None,
+    mix: str = "default",
+    rest: float = 30.0,
+    proxy_root: Path | None = None,
+    proxy_module: str = "lakeproxy",
 ) -> dict[str, object]:
-    """One soak run; returns the report (see :func:`render`)."""
+    """One soak run; returns the report (see :func:`render`).
+
+    ``rest``: seconds after the last client left at which the resting RSS is
+    taken. ``proxy_root``/``proxy_module``: run the proxy from another checkout
+    (to compare two versions in one session) or through a wrapper module.
+    """
+    the_mix = MIXES[mix]
     raise_nofile(65536)
     base = workdir("lakeproxy-soak-")
     rng = random.Random(seed)
@@ -368,8 +521,10 @@ async def run(
         "clients": clients,
         "seed": seed,
         "credential_lifetime": credential_lifetime,
-        "weights": WEIGHTS,
+        "mix": mix,
+        "weights": the_mix.weights,
         "proxy_env": proxy_env or {},
+        "proxy_root": str(proxy_root or ROOT),
     }
     try:
         async with (
@@ -382,6 +537,8 @@ async def run(
                 base / "proxy",
                 {**(emu.info.env if emu.info else {}), **(proxy_env or {})},
                 max_clients=clients + 500,
+                root=proxy_root or ROOT,
+                module=proxy_module,
             ) as proxy,
         ):
             report["machine"] = machine.describe(postgresql=await emu.sql("SHOW server_version"))
@@ -406,17 +563,33 @@ async def run(
             sampler.start()
             loop = asyncio.get_running_loop()
             stop_at = loop.time() + seconds
-            names, weights = list(WEIGHTS), list(WEIGHTS.values())
+            names, weights = list(the_mix.weights), list(the_mix.weights.values())
             ctx_t0 = time.monotonic()
 
-            async def delayed(i: int) -> None:
+            async def delayed(i: int, names: list[str], weights: list[int]) -> None:
                 await asyncio.sleep(ramp * i / clients)
-                ctx = Ctx(proxy.port, random.Random(rng.getrandbits(64)), tally, ctx_t0)
+                ctx = Ctx(proxy.port, random.Random(rng.getrandbits(64)), tally, ctx_t0,
+                          the_mix.copy_bytes)
                 await worker(ctx, stop_at, names, weights)
 
-            workers = [asyncio.ensure_future(delayed(i)) for i in range(clients)]
+            workers = [
+                asyncio.ensure_future(delayed(i, names, weights))
+                for i in range(clients - the_mix.big_readers)
+            ] + [
+                asyncio.ensure_future(delayed(0, ["big_reader"], [1]))
+                for _ in range(the_mix.big_readers)
+            ]
+            extras = []
+            if the_mix.kill_every:
+                extras.append(asyncio.ensure_future(
+                    backend_killer(emu, tally, the_mix.kill_every, stop_at)))
+            if the_mix.fault_every:
+                extras.append(asyncio.ensure_future(
+                    api_faulter(emu, tally, the_mix.fault_every, stop_at)))
+            probe = ProbeSchedule(proxy, [WARMUP_SECONDS, seconds / 2])
             peak_concurrency = 0
             while not all(w.done() for w in workers):
+                await probe.maybe(time.monotonic() - ctx_t0)
                 with contextlib.suppress(Exception):
                     m = await proxy.metrics()
                     peak_concurrency = max(
@@ -428,7 +601,13 @@ async def run(
                         w.cancel()
                     break
             await asyncio.gather(*workers, return_exceptions=True)
-            load_seconds = round(time.monotonic() - ctx_t0, 1)
+            for x in extras:
+                x.cancel()
+            await asyncio.gather(*extras, return_exceptions=True)
+            load_end = time.monotonic()
+            mem_end_of_load = proxy.memory()
+            await probe.now("end of load")
+            load_seconds = round(load_end - ctx_t0, 1)
             cpu = {
                 "proxy": round(procstat.cpu_seconds(proxy.pid) - cpu_before[0], 1),
                 "emulator_front_door_and_api": round(
@@ -438,21 +617,29 @@ async def run(
             }
             loadavg = os.getloadavg()
             waited, active, frontdoor, backends = await _settle(emu, proxy, 60)
-            await sampler.stop()
             fds_after = proxy.fds()
             sockets_after = proxy.sockets()
+            # Resting RSS: ``rest`` seconds after the last client left.
+            await asyncio.sleep(max(0.0, load_end + rest - time.monotonic()))
             mem_after = proxy.memory()
+            await probe.now(f"{rest:g} s after the load")
+            await sampler.stop()
             metrics = await proxy.metrics()
             exit_code = await proxy.stop()
-            samples = sampler.samples
+            samples = [x for x in sampler.samples if x.t <= load_end - ctx_t0]
             half = len(samples) // 2
+            warmed = next((x for x in samples if x.t >= WARMUP_SECONDS), samples[-1])
             first = max((x.rss for x in samples[:half]), default=0)
             second = max((x.rss for x in samples[half:]), default=0)
             report.update(
                 {
                     "load_seconds": load_seconds,
-                    "scenarios": {n: {"runs": tally.runs[n], "ok": tally.ok[n]} for n in WEIGHTS},
+                    "scenarios": {
+                        n: {"runs": tally.runs[n], "ok": tally.ok[n]} for n in sorted(tally.runs)
+                    },
                     "sessions_served": tally.logins,
+                    "backends_killed": tally.kills,
+                    "api_faults": tally.faults,
                     "cancel_requests": tally.cancels_sent,
                     "peak_concurrent_clients": peak_concurrency,
                     "errors": dict(sorted(tally.errors.items())),
@@ -477,9 +664,12 @@ async def run(
                     "sockets": {"before": sockets_before, "after": sockets_after},
                     "rss_mib": {
                         "start": _mib(mem_before.rss),
-                        "peak": _mib(max(sampler.peak_rss, 0)),
+                        "warmup": _mib(warmed.rss),
+                        "peak": _mib(max((x.rss for x in samples), default=0)),
                         "hwm": _mib(mem_after.hwm),
-                        "end": _mib(mem_after.rss),
+                        "end_of_load": _mib(mem_end_of_load.rss),
+                        "rest": _mib(mem_after.rss),
+                        "rest_seconds": rest,
                         # growth of the peak from the first half of the run to the second:
                         # near 0 once the allocator's high-water mark is reached.
                         "second_half_growth": _mib(second - first),
@@ -489,6 +679,7 @@ async def run(
                             for m in sorted({int(s.t // 60) for s in samples})
                         ],
                     },
+                    "memory_probes": probe.reports,
                     "checksums": {
                         "payloads": tally.checksums,
                         "bytes": tally.bytes_checked,
@@ -516,12 +707,37 @@ async def run(
             shutil.rmtree(base, ignore_errors=True)
     if keep:
         report["workdir"] = str(base)
+    report["memory_targets"] = memory_targets(report)
     report["passed"] = passed(report)
     return report
 
 
+def memory_targets(report: dict[str, object]) -> dict[str, bool]:
+    """Issue #15's targets: peak <= 128 MiB; end of load <= 1.2x the warm-up
+    RSS; ``rest`` seconds after the load, <= start + 32 MiB."""
+    rss = report["rss_mib"]
+    assert isinstance(rss, dict)
+    return {
+        "peak_le_128": rss["peak"] <= 128,
+        "end_le_1.2x_warmup": rss["end_of_load"] <= 1.2 * rss["warmup"],
+        "rest_le_start_plus_32": rss["rest"] <= rss["start"] + 32,
+    }
+
+
+def unexpected_errors(report: dict[str, object]) -> int:
+    """Errors, less those a killed backend explains (one per kill at most)."""
+    errors = report["errors"]
+    assert isinstance(errors, dict)
+    kills = report.get("backends_killed", 0)
+    assert isinstance(kills, int)
+    counts = {str(k): int(n) for k, n in errors.items()}
+    kill_like = sum(n for k, n in counts.items() if k.rsplit(": ", 1)[-1] in KILL_ERRORS)
+    return sum(counts.values()) - min(kill_like, kills)
+
+
 def passed(report: dict[str, object]) -> bool:
-    """Nothing leaked, no checksum failed, no unexpected error, a clean exit, flat RSS."""
+    """Nothing leaked, no checksum failed, no unexpected error, a clean exit, flat
+    RSS; for the churn mix, issue #15's memory targets too."""
     leaked = report["leaked"]
     checks = report["checksums"]
     assert isinstance(leaked, dict)
@@ -532,9 +748,13 @@ def passed(report: dict[str, object]) -> bool:
     assert isinstance(seconds, float | int)
     # Flat RSS is judged on runs of 5 minutes or more (shorter ones are still ramping).
     flat = seconds < 300 or rss["second_half_growth"] <= max(8.0, 0.05 * rss["peak"])
+    targets = report["memory_targets"]
+    assert isinstance(targets, dict)
+    memory_ok = report.get("mix") != "churn" or all(targets.values())
     return (
         flat
-        and not report["errors"]
+        and memory_ok
+        and unexpected_errors(report) == 0
         and all(v == 0 for v in leaked.values())
         and checks["mismatches"] == 0
         and report["proxy_exit_code"] == 0
@@ -544,20 +764,22 @@ def passed(report: dict[str, object]) -> bool:
 def render(r: dict[str, object]) -> str:
     """The report as text."""
     lines = [
-        f"lakeproxy soak, {r['when']}: {r['clients']} clients for {r['seconds']} s "
+        f"lakeproxy soak, {r['when']}: mix {r['mix']}, {r['clients']} clients for "
+        f"{r['seconds']} s "
         f"(load ran {r['load_seconds']} s), seed {r['seed']}, credential lifetime "
         f"{r['credential_lifetime']} s",
         f"machine: {json.dumps(r['machine'])}",
         f"result: {'PASS' if r['passed'] else 'FAIL'}",
         f"sessions served (logins): {r['sessions_served']}; cancel requests: "
-        f"{r['cancel_requests']}; peak concurrent clients: {r['peak_concurrent_clients']}",
+        f"{r['cancel_requests']}; peak concurrent clients: {r['peak_concurrent_clients']}; "
+        f"backends killed: {r['backends_killed']}; API faults injected: {r['api_faults']}",
         "scenarios (runs/ok): "
         + ", ".join(
             f"{k} {v['runs']}/{v['ok']}"
             for k, v in r["scenarios"].items()  # type: ignore[attr-defined]
         ),
         f"completed per minute: {r['completed_per_minute']}",
-        f"errors: {r['errors'] or 'none'}",
+        f"errors: {r['errors'] or 'none'} ({unexpected_errors(r)} not explained by a kill)",
     ]
     examples = r["error_examples"]
     assert isinstance(examples, dict)
@@ -567,12 +789,16 @@ def render(r: dict[str, object]) -> str:
         f"proxy fds: {r['fds']}",
         f"proxy TCP sockets: {r['sockets']}",
         f"proxy RSS MiB: {r['rss_mib']}",
+        f"memory targets: {r['memory_targets']}",
         f"checksums: {r['checksums']}",
         f"proxy metrics: {r['proxy_metrics']}",
         f"proxy exit code after SIGTERM: {r['proxy_exit_code']}",
         f"CPU seconds during the load: {r['cpu_seconds_during_load']}; load average at end "
         f"(1/5/15 min): {r['load_average_at_end']}",
     ]
+    probes = r.get("memory_probes")
+    assert isinstance(probes, list)
+    lines += [f"memory probe: {json.dumps(x)}" for x in probes]
     return "\n".join(lines) + "\n"
 
 
@@ -601,6 +827,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--text", type=Path, default=None)
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    p.add_argument("--mix", choices=sorted(MIXES), default="default",
+                   help="scenario mix (churn: issue #15's; copy_in, copy_out, slow_reader, "
+                   "resets: one kind of traffic each)")
+    p.add_argument("--rest", type=float, default=30.0,
+                   help="seconds after the load at which the resting RSS is taken")
+    p.add_argument("--proxy-root", type=Path, default=None,
+                   help="run the proxy from this checkout (compare two versions)")
+    p.add_argument("--proxy-module", default="lakeproxy",
+                   help="run the proxy as -m MODULE run (benchmarks.memprobe: with probes)")
     p.add_argument(
         "--proxy-env",
         action="append",
@@ -622,6 +857,10 @@ def main(argv: list[str] | None = None) -> int:
             credential_lifetime=args.credential_lifetime,
             keep=args.keep,
             proxy_env=dict(kv.split("=", 1) for kv in args.proxy_env),
+            mix=args.mix,
+            rest=args.rest,
+            proxy_root=args.proxy_root,
+            proxy_module=args.proxy_module,
         )
     )
     text = render(report)

@@ -185,6 +185,16 @@ class EmulatorProcess(_Managed):
             line = await self.proc.stdout.readline()
         return dict(json.loads(line))
 
+    async def fault(self, path: str, status: int, count: int) -> None:
+        """Make the API's next ``count`` calls to ``path`` answer ``status``."""
+        assert self.proc is not None
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        async with self._lock:
+            self.proc.stdin.write(f"fault {path} {status} {count}\n".encode())
+            await self.proc.stdin.drain()
+            await self.proc.stdout.readline()
+
     async def sql(self, query: str) -> str:
         """Run ``query`` as the superuser over the cluster's unix socket."""
         assert self.info is not None
@@ -274,7 +284,15 @@ async def _serve_emulator(workdir: Path, max_connections: int, lifetime: float) 
 
         async def commands() -> None:
             while line := await reader.readline():
-                if line.strip() == b"stats":
+                words = line.split()
+                if words[:1] == [b"fault"] and len(words) == 4:
+                    # fault PATH STATUS COUNT: the next COUNT calls to PATH fail
+                    # (replacing faults still queued there); answers one line.
+                    path = words[1].decode()
+                    emu.workspace.clear_faults()
+                    emu.workspace.inject(path, status=int(words[2]), count=int(words[3]))
+                    print("{}", flush=True)
+                elif line.strip() == b"stats":
                     fd = emu.frontdoor
                     print(
                         json.dumps(
@@ -311,8 +329,14 @@ class ProxyProcess(_Managed):
         max_clients: int = 2000,
         connect_deadline: float = 60.0,
         log_level: str = "info",
+        root: Path = ROOT,
+        module: str = "lakeproxy",
     ) -> None:
         self.workdir = workdir
+        #: the source tree the proxy runs from (another checkout to compare
+        #: two versions in one session) and the module run as ``-m MODULE run``
+        self.root = root
+        self.module = module
         self.port = free_port()
         self.admin_port = free_port()
         self.env = _client_env(
@@ -329,6 +353,11 @@ class ProxyProcess(_Managed):
         self.proc: asyncio.subprocess.Process | None = None
         self.log = workdir / "lakeproxy.log"
         self.exit_code: int | None = None
+        #: where ``benchmarks.memprobe`` writes its reports (None: not probed)
+        self.probe_file: Path | None = None
+        if module == "benchmarks.memprobe":
+            self.probe_file = workdir / "memprobe.jsonl"
+            self.env["LAKEPROXY_MEMPROBE_OUT"] = str(self.probe_file)
 
     @property
     def pid(self) -> int:
@@ -338,15 +367,20 @@ class ProxyProcess(_Managed):
     async def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log.open("ab") as log:
+            # benchmarks.memprobe runs as a script (its own, whatever the root)
+            how = (
+                [str(ROOT / "benchmarks" / "memprobe.py")]
+                if self.module == "benchmarks.memprobe"
+                else ["-m", self.module]
+            )
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
-                "-m",
-                "lakeproxy",
+                *how,
                 "run",
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                cwd=ROOT,
+                cwd=self.root,
                 env=self.env,
                 preexec_fn=lambda: raise_nofile(65536),
             )
@@ -461,6 +495,42 @@ class Sampler:
     @property
     def peak_fds(self) -> int:
         return max((s.fds for s in self.samples), default=0)
+
+
+class ProbeSchedule:
+    """Memory probes of the proxy at chosen moments of a run.
+
+    Each probe records the proxy's resident memory by kind of mapping
+    (:func:`procstat.smaps`); when the proxy runs under
+    ``benchmarks.memprobe`` it is also sent SIGUSR2 and what it writes
+    (glibc's ``malloc_info`` totals, tracemalloc's top sites when tracing) is
+    added. ``at``: seconds into the load for :meth:`maybe`.
+    """
+
+    def __init__(self, proxy: ProxyProcess, at: list[float]) -> None:
+        self.proxy = proxy
+        self.pending = sorted(at)
+        self.reports: list[dict[str, object]] = []
+
+    async def maybe(self, t: float) -> None:
+        while self.pending and self.pending[0] <= t:
+            await self.now(f"{self.pending.pop(0):g} s into the load")
+
+    async def now(self, label: str) -> None:
+        report: dict[str, object] = {"label": label}
+        with contextlib.suppress(OSError):
+            report["smaps_mib"] = procstat.smaps(self.proxy.pid)
+        out = self.proxy.probe_file
+        if out is not None:
+            before = out.read_text().count("\n") if out.exists() else 0
+            os.kill(self.proxy.pid, signal.SIGUSR2)
+            for _ in range(100):
+                await asyncio.sleep(0.05)
+                lines = out.read_text().splitlines() if out.exists() else []
+                if len(lines) > before:
+                    report.update(json.loads(lines[before]))
+                    break
+        self.reports.append(report)
 
 
 def workdir(prefix: str) -> Path:
