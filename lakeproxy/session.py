@@ -299,6 +299,16 @@ class Session:
 
     async def run(self) -> None:
         try:
+            await self._run_once()
+        finally:
+            # Ended: drop the references that tie this session to its protocol
+            # and splice, so the transports and the TLS session (with its
+            # buffers) are freed now, not at the next full garbage collection.
+            self.splice = None
+            self.conn.session = None
+
+    async def _run_once(self) -> None:
+        try:
             await self._run()
         except _ClientGone:
             self.record.outcome = self.record.outcome if self.record.sqlstate else "client_gone"

@@ -30,8 +30,11 @@ upstream, proxy CPU; `python -m benchmarks.splice_micro --tls --variants ...`):
   counting ``Protocol`` half (17.2 vs 17.0 µs), kept because it is free.
 - ``TCP_NODELAY`` on (off measured no cheaper: 17.7 µs, 1.46 s/GB) so a
   message that ends in a small write never waits for an ACK.
-- Write high-water 256 KiB: 64 KiB and 1 MiB measured the same CPU and
-  throughput; 256 KiB bounds a session to ~0.5 MiB of our buffers.
+- Write high-water 64 KiB: 256 KiB and 1 MiB measured the same CPU and
+  throughput; 64 KiB bounds what a bulk session holds in write buffers.
+- Memory is given back when a session ends, not when the cyclic garbage
+  collector runs: the halves drop their reference to the splice in
+  :meth:`Splice._finish` (see :class:`_Ends`).
 
 This module imports nothing from :mod:`lakeproxy.wire`.
 """
@@ -53,11 +56,12 @@ Side = Literal["client", "upstream", "proxy"]
 CLOSE_FLUSH_TIMEOUT: Final = 30.0
 
 #: Write-buffer high-water mark per direction. Past it, the other side stops
-#: reading. 256 KiB keeps a bulk COPY streaming in large writes while bounding
-#: a session's worst case to about twice this; 64 KiB and 1 MiB measured the
-#: same proxy CPU and MB/s (benchmarks/README.md, splice variants).
-WRITE_HIGH_WATER: Final = 256 * 1024
-WRITE_LOW_WATER: Final = 64 * 1024
+#: reading. 64 KiB, 256 KiB and 1 MiB measured the same proxy CPU and MB/s
+#: (benchmarks/README.md, splice variants; again side by side for issue #15,
+#: RELIABILITY.md section 5): the smallest bounds what a session moving bulk
+#: data holds (this plus one read of at most 256 KiB per direction).
+WRITE_HIGH_WATER: Final = 64 * 1024
+WRITE_LOW_WATER: Final = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,12 +80,19 @@ class SpliceResult:
 
 
 class _Ends:
-    """What both kinds of half share: close attribution and flow control."""
+    """What both kinds of half share: close attribution and flow control.
+
+    ``splice`` is dropped once the session has ended (:meth:`Splice._finish`):
+    the halves and the splice would otherwise form a reference cycle that
+    keeps both transports, the TLS session and its buffers alive until the
+    cyclic garbage collector happens to run (measured: hundreds of ended
+    sessions and >100 MiB held that way, RELIABILITY.md section 5).
+    """
 
     __slots__ = ("nbytes", "peer", "side", "splice")
 
     def __init__(self, splice: Splice, side: Side, peer: asyncio.Transport) -> None:
-        self.splice = splice
+        self.splice: Splice | None = splice
         self.side: Side = side
         self.peer = peer
         self.nbytes = 0
@@ -90,11 +101,15 @@ class _Ends:
         # EOF from either side ends the session (as PgBouncer and the Cloud SQL
         # proxy do): a FIN cannot tell a half-close from a full close, and a
         # closed client must not keep its endpoint session alive.
-        self.splice._finish(self.side, None)
+        splice = self.splice
+        if splice is not None:
+            splice._finish(self.side, None)
         return False
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self.splice._finish(self.side, exc)
+        splice = self.splice
+        if splice is not None:
+            splice._finish(self.side, exc)
 
     # Our transport's write buffer is full: stop reading from the peer.
     def pause_writing(self) -> None:
@@ -240,6 +255,9 @@ class Splice:
         if self._done.done():
             return
         self._done.set_result(SpliceResult(side, exc, self.bytes_up, self.bytes_down))
+        # No cycle left behind: what the transports still call on the halves
+        # (connection_lost, flow control) needs only ``peer``.
+        self._up.splice = self._down.splice = None
         if abort:
             self.client.abort()
             self.upstream.abort()
