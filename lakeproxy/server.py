@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from lakeproxy import memory
 from lakeproxy.cancel import CancelRegistry
 from lakeproxy.config import Config, EndpointConfig, Listener
 from lakeproxy.errors import LakeproxyError, ShuttingDown, TooManyConnections
@@ -340,6 +341,9 @@ async def serve(config: Config, *, ready: Callable[[ProxyServer], None] | None =
     from lakeproxy.endpoint import Runtime
 
     loop = asyncio.get_running_loop()
+    # The allocator first, before any helper thread takes an arena of its own.
+    log.debug("allocator settings: %s", memory.configure() or "none (not glibc)")
+    trimmer = memory.Trimmer()
     metrics = Metrics()
     runtime = Runtime(config, metrics)
     server = runtime.server
@@ -370,6 +374,7 @@ async def serve(config: Config, *, ready: Callable[[ProxyServer], None] | None =
         )
         if ready is not None:
             ready(server)
+        trimmer.start()
         await stop.wait()
         log.info(
             "shutting down: %d open session(s), grace %.0fs",
@@ -377,6 +382,7 @@ async def serve(config: Config, *, ready: Callable[[ProxyServer], None] | None =
         )
         await server.drain(config.shutdown_grace)
     finally:
+        trimmer.stop()
         remove_signals()
         await runtime.close()
         if admin is not None:
