@@ -99,7 +99,7 @@ def _probe(signum: int, frame: FrameType | None) -> None:
     report["gc_counts"] = list(gc.get_count())
     report["tls_alive"] = tls_alive()
     _probes.append(signum)
-    if len(_probes) >= int(os.environ.get("LAKEPROXY_MEMPROBE_GC_FROM", "0") or 1_000_000):
+    if len(_probes) >= int(os.environ.get("LAKEPROXY_MEMPROBE_GC_FROM") or 1_000_000):
         # what a full collection frees (from the Nth probe on): sessions kept
         # only by reference cycles
         report["gc_collected"] = gc.collect()

@@ -152,3 +152,23 @@ def test_splice_micro_restores_cpu_affinity() -> None:
         ]
     )
     assert os.sched_getaffinity(0) == before
+
+
+def test_soak_counts_errors_a_killed_backend_explains() -> None:
+    """The churn mix kills a backend every 20 s: each kill explains one error
+    of the kinds a client sees then (57P01, a connection cut), no more."""
+    from benchmarks.soak import unexpected_errors
+
+    errors = {"copy: 57P01": 2, "query: IncompleteReadError": 1, "idle: Mismatch": 1}
+    assert unexpected_errors({"errors": errors, "backends_killed": 5}) == 1
+    assert unexpected_errors({"errors": errors, "backends_killed": 1}) == 3
+    assert unexpected_errors({"errors": {}, "backends_killed": 3}) == 0
+
+
+def test_soak_memory_targets() -> None:
+    from benchmarks.soak import memory_targets
+
+    ok = {"start": 50.0, "warmup": 100.0, "peak": 128.0, "end_of_load": 120.0, "rest": 82.0}
+    assert all(memory_targets({"rss_mib": ok}).values())
+    bad = {**ok, "peak": 129.0, "end_of_load": 121.0, "rest": 82.1}
+    assert not any(memory_targets({"rss_mib": bad}).values())
