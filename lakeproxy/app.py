@@ -18,11 +18,11 @@ import logging
 import os
 import signal
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 
 from lakeproxy.admin import AdminServer
 from lakeproxy.client_auth import ScramAuthenticator, ScramVerifier
-from lakeproxy.config import Config, EndpointConfig, reload_config
+from lakeproxy.config import Config, EndpointConfig, Listener, reload_config
 from lakeproxy.errors import ConfigError, CredentialError, LakeproxyError
 from lakeproxy.metrics import Metrics
 from lakeproxy.server import Endpoint, ProxyServer, bind_error
@@ -53,6 +53,15 @@ def client_authenticator(config: Config) -> Callable[[], ClientAuthenticator] | 
         return None
     verifier = ScramVerifier.from_password(config.client_password)
     return lambda: ScramAuthenticator(verifier)
+
+
+def unguarded_listeners(open_listeners: Sequence[Listener], config: Config) -> list[Listener]:
+    """The non-loopback listeners among ``open_listeners`` that ``config`` would
+    leave without client authentication (the start-up rule, applied to the
+    listeners actually open: a reload keeps them whatever its ``listen`` says)."""
+    if config.client_password is not None or config.allow_remote_trust:
+        return []
+    return [lst for lst in open_listeners if not lst.is_loopback]
 
 
 class Runtime:
@@ -101,6 +110,16 @@ class Runtime:
             log.error("reload failed, keeping the old configuration: the number of endpoints "
                       "changed (%d -> %d); restart to apply that",
                       len(self.config.endpoints), len(new.endpoints))
+            return
+        unguarded = unguarded_listeners(self.server.open_listeners, new)
+        if unguarded:
+            log.error(
+                "reload failed, keeping the old configuration: %s stays open (listeners change "
+                "only on restart) and is not a loopback address, so the new configuration "
+                "would let anyone who can reach it connect without a password; keep "
+                "LAKEPROXY_CLIENT_PASSWORD set, or restart to apply the new listen",
+                ", ".join(lst.describe() for lst in unguarded),
+            )
             return
         if [ep.listen for ep in new.endpoints] != [ep.listen for ep in self.config.endpoints]:
             log.warning("reload: listener changes need a restart; other changes apply")

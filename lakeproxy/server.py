@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -64,6 +65,8 @@ class ProxyServer:
         self._unix_paths: list[str] = []
         self._current: list[SessionHooks] = []
         self.bound: list[str] = []
+        #: The listeners actually open (a reload does not change them; a restart does).
+        self.open_listeners: list[Listener] = []
         metrics.set_live_bytes(self._live_bytes)
 
     # -- ReadinessSource ---------------------------------------------------
@@ -105,6 +108,7 @@ class ProxyServer:
                     except OSError as exc:
                         raise bind_error(f"cannot listen on {listener.describe()}", exc) from exc
                     self._servers.append(server)
+                    self.open_listeners.append(_as_bound(listener, server))
         except BaseException:
             await self.close_listeners()
             raise
@@ -163,6 +167,7 @@ class ProxyServer:
     async def close_listeners(self) -> None:
         """Stop accepting new connections (open sessions continue)."""
         self.listening = False
+        self.open_listeners = []
         servers, self._servers = self._servers, []
         for server in servers:
             server.close()
@@ -248,6 +253,13 @@ class ProxyServer:
         if r.error:
             values["error"] = r.error
         log.log(level, "session end", extra=log_fields(**values))
+
+
+def _as_bound(listener: Listener, server: asyncio.Server) -> Listener:
+    """``listener`` with the port the kernel picked when it asked for port 0."""
+    if listener.kind != "tcp" or listener.port != 0 or not server.sockets:
+        return listener
+    return dataclasses.replace(listener, port=int(server.sockets[0].getsockname()[1]))
 
 
 class _SocketPathInUse(OSError):
