@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from lakeproxy.cancel import CancelRegistry
 from lakeproxy.config import Config, EndpointConfig, Listener
 from lakeproxy.errors import LakeproxyError, ShuttingDown, TooManyConnections
+from lakeproxy.fds import FDS_HEADROOM, free_fds
 from lakeproxy.log import fields as log_fields
 from lakeproxy.metrics import Metrics, Outcome
 from lakeproxy.session import ClientAuthenticator, ClientProtocol, Dialer, Session, SessionHooks
@@ -77,6 +78,11 @@ class ProxyServer:
 
     def credentials_ready(self) -> bool:
         return all(ep.credentials_ready() for ep in self.endpoints)
+
+    def can_accept(self) -> bool:
+        """False when too few file descriptors are free to take one more client."""
+        free = free_fds()
+        return free is None or free >= FDS_HEADROOM
 
     def _live_bytes(self) -> tuple[int, int]:
         """Bytes spliced so far by sessions not yet counted as finished (read per scrape)."""
