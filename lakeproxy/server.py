@@ -30,6 +30,9 @@ from lakeproxy.session import ClientAuthenticator, ClientProtocol, Dialer, Sessi
 
 log = logging.getLogger("lakeproxy.server")
 
+#: Seconds between two warnings about connections closed for the pre-login budget.
+_EVICTION_LOG_INTERVAL = 60.0
+
 
 @dataclass(slots=True)
 class Endpoint:
@@ -55,7 +58,15 @@ class ProxyServer:
         self.config = config
         self.endpoints = list(endpoints)
         self.metrics = metrics
+        #: Every open connection (drain closes them).
         self.sessions: set[Session] = set()
+        #: Connections in their pre-login phase, oldest first (their own budget
+        #: of ``max_clients``: past it, the oldest is closed).
+        self._logging_in: dict[Session, None] = {}
+        #: Connections past it: these count against ``max_clients``.
+        self._clients: set[Session] = set()
+        self._evicted = 0
+        self._evicted_logged_at = -_EVICTION_LOG_INTERVAL
         self.cancels: CancelRegistry[Dialer] = CancelRegistry()
         self.listening = False
         self.draining = False
@@ -74,7 +85,13 @@ class ProxyServer:
 
     @property
     def active_clients(self) -> int:
-        return len(self.sessions)
+        """Clients past their pre-login phase (what ``max_clients`` limits)."""
+        return len(self._clients)
+
+    @property
+    def logging_in(self) -> int:
+        """Connections still in their pre-login phase."""
+        return len(self._logging_in)
 
     def credentials_ready(self) -> bool:
         return all(ep.credentials_ready() for ep in self.endpoints)
@@ -220,16 +237,44 @@ class ProxyServer:
             tls_required=self.config.client_tls == "require",
             authenticator=self._authenticator,
             on_upstream_connected=m.upstream_connected,
+            login_timeout=self.config.login_timeout,
+            enter_login=self._enter_login,
+            leave_login=self._leave_login,
         )
 
-    def _admit(self) -> LakeproxyError | None:
+    def _enter_login(self, session: Session) -> None:
+        """Count ``session`` in the pre-login budget, closing the oldest there if full.
+
+        Closing the oldest (not refusing the newest) means sockets that never
+        finish their startup cannot lock real clients out: each only holds its
+        place until newer connections arrive or LAKEPROXY_LOGIN_TIMEOUT ends it.
+        """
+        budget = max(1, self.max_clients)
+        while len(self._logging_in) >= budget:
+            oldest = next(iter(self._logging_in))
+            del self._logging_in[oldest]
+            oldest.evict()
+            self._evicted += 1
+        self._logging_in[session] = None
+        now = time.monotonic()
+        if self._evicted and now - self._evicted_logged_at >= _EVICTION_LOG_INTERVAL:
+            log.warning(
+                "%d connection(s) still logging in closed: more than %d at once "
+                "(the pre-login budget, LAKEPROXY_MAX_CLIENTS)", self._evicted, budget,
+            )
+            self._evicted, self._evicted_logged_at = 0, now
+
+    def _leave_login(self, session: Session) -> None:
+        self._logging_in.pop(session, None)
+
+    def _admit(self, session: Session) -> LakeproxyError | None:
         if self.draining:
             return ShuttingDown(
                 "shutting down",
                 client_message="lakeproxy: the proxy is shutting down",
                 hint="retry in a moment",
             )
-        if len(self.sessions) > self.max_clients:
+        if len(self._clients) >= self.max_clients:
             return TooManyConnections(
                 "too many clients",
                 client_message=(
@@ -237,9 +282,12 @@ class ProxyServer:
                 ),
                 hint="raise LAKEPROXY_MAX_CLIENTS or use fewer connections",
             )
+        self._clients.add(session)
         return None
 
     def _session_finished(self, session: Session) -> None:
+        self._clients.discard(session)
+        self._logging_in.pop(session, None)
         r = session.record
         self.metrics.session_finished(_METRIC_OUTCOME.get(r.outcome, "internal"),
                                       r.bytes_up, r.bytes_down)

@@ -57,6 +57,9 @@ log = logging.getLogger("lakeproxy.session")
 #: Each message a client owes before its session starts must arrive within this.
 LOGIN_MESSAGE_TIMEOUT: Final = 10.0
 
+#: Seconds for the whole pre-login phase (LAKEPROXY_LOGIN_TIMEOUT's default).
+LOGIN_TIMEOUT: Final = 15.0
+
 #: While the endpoint is dialed, how often the client's socket is checked for a hang-up.
 HANG_UP_POLL: Final = 0.25
 #: poll() events that mean the peer closed (FIN: POLLRDHUP, Linux) or reset the connection.
@@ -132,11 +135,20 @@ class SessionHooks:
     default_database: str
     connect_deadline: float
     cancels: CancelRegistry[Dialer]
-    admit: Callable[[], LakeproxyError | None]  # None when the client may proceed
+    #: After the pre-login phase: None when the client may proceed (it then
+    #: counts against max_clients), else the error to send.
+    admit: Callable[[Session], LakeproxyError | None]
     tls_context: ssl.SSLContext | None = None
     tls_required: bool = False
     authenticator: Callable[[], ClientAuthenticator] | None = None
     on_upstream_connected: Callable[[float], None] = lambda seconds: None
+    #: The whole pre-login phase (SSL/GSS negotiation, startup, password) must
+    #: end within this many seconds of the accept.
+    login_timeout: float = LOGIN_TIMEOUT
+    #: Called when the pre-login phase starts and when it ends (the pre-login
+    #: budget: the server may :meth:`Session.evict` the oldest in that phase).
+    enter_login: Callable[[Session], None] = lambda session: None
+    leave_login: Callable[[Session], None] = lambda session: None
 
 
 @dataclass(slots=True)
@@ -282,6 +294,7 @@ class Session:
         self.task: asyncio.Task[None] | None = None
         self.connecting = False
         self.splice: Splice | None = None
+        self.evicted = False
 
     # -- public, for the server -------------------------------------------
 
@@ -293,6 +306,13 @@ class Session:
             else:
                 self.splice.close()
         elif self.task is not None:
+            self.task.cancel()
+
+    def evict(self) -> None:
+        """Close a connection still in its pre-login phase (the pre-login budget is
+        full and a newer one came): no reply, outcome ``too_many``."""
+        self.evicted = True
+        if self.task is not None:
             self.task.cancel()
 
     # -- the session ------------------------------------------------------
@@ -311,7 +331,10 @@ class Session:
         except LakeproxyError as exc:
             self._fail(exc)
         except asyncio.CancelledError:
-            if not self.conn.gone:
+            if self.evicted:
+                self.record.outcome = "too_many"
+                self.record.error = "pre-login budget full: closed the oldest still logging in"
+            elif not self.conn.gone:
                 self._fail(ShuttingDown("lakeproxy: terminating connection: proxy shutting down"))
             else:
                 self.record.outcome = "client_gone"
@@ -336,6 +359,46 @@ class Session:
         loop = asyncio.get_running_loop()
         conn = self.conn
         hooks = self.hooks
+        hooks.enter_login(self)
+        try:
+            async with asyncio.timeout_at(loop.time() + hooks.login_timeout):
+                ev = await self._login()
+        finally:
+            hooks.leave_login(self)
+        if isinstance(ev, CancelRequested):
+            self.record.outcome = "cancel"
+            await self._forward_cancel(ev)
+            return
+        refused = hooks.admit(self)
+        if refused is not None:
+            raise refused
+        # Everything else the client sent stays in the kernel until the splice.
+        self.transport.pause_reading()
+
+        params = dict(ev.message.params)
+        params["user"] = hooks.role
+        params["database"] = self.record.database
+        if conn.hung_up():  # before we paused reading: mint and dial for no one
+            raise _ClientGone
+        self.connecting = True
+        started = loop.time()
+        try:
+            upstream = await self._dial(params, deadline=started + hooks.connect_deadline)
+        finally:
+            self.connecting = False
+        hooks.on_upstream_connected(loop.time() - started)
+        if conn.hung_up():
+            upstream.transport.abort()
+            raise _ClientGone
+        await self._relay_startup(upstream)
+
+    async def _login(self) -> StartupReceived | CancelRequested:
+        """The pre-login phase: SSL/GSS negotiation, the startup packet and the
+        client's password (when one is required). Returns the startup, or a
+        CancelRequest to forward."""
+        loop = asyncio.get_running_loop()
+        conn = self.conn
+        hooks = self.hooks
         tls_on = False
         while True:
             ev = await conn.next_event(loop.time() + LOGIN_MESSAGE_TIMEOUT)
@@ -356,9 +419,7 @@ class Session:
                 self.transport.write(conn.handshake.answer_gssenc())
                 continue
             if isinstance(ev, CancelRequested):
-                self.record.outcome = "cancel"
-                await self._forward_cancel(ev)
-                return
+                return ev
             if isinstance(ev, StartupReceived):
                 break
             raise ClientProtocolError(f"unexpected {type(ev).__name__} before startup")
@@ -374,31 +435,10 @@ class Session:
         self.record.database = database
         if startup.params.get("replication") not in (None, "", "false", "0", "off", "no"):
             log.debug("session %s: replication connection", self.record.client)
-        refused = hooks.admit()
-        if refused is not None:
-            raise refused
         self.transport.write(negotiate_bytes(ev.negotiate))
         if hooks.authenticator is not None:
             await self._authenticate_client(hooks.authenticator())
-        # Everything else the client sent stays in the kernel until the splice.
-        self.transport.pause_reading()
-
-        params = dict(startup.params)
-        params["user"] = hooks.role
-        params["database"] = database
-        if conn.hung_up():  # before we paused reading: mint and dial for no one
-            raise _ClientGone
-        self.connecting = True
-        started = loop.time()
-        try:
-            upstream = await self._dial(params, deadline=started + hooks.connect_deadline)
-        finally:
-            self.connecting = False
-        hooks.on_upstream_connected(loop.time() - started)
-        if conn.hung_up():
-            upstream.transport.abort()
-            raise _ClientGone
-        await self._relay_startup(upstream)
+        return ev
 
     async def _dial(self, params: dict[str, str], *, deadline: float) -> Upstream:
         """Dial the endpoint; give up as soon as the client hangs up.
