@@ -24,7 +24,7 @@ from lakeproxy.cancel import CancelRegistry
 from lakeproxy.config import Config, EndpointConfig, Listener
 from lakeproxy.errors import LakeproxyError, ShuttingDown, TooManyConnections
 from lakeproxy.log import fields as log_fields
-from lakeproxy.metrics import Metrics, Outcome
+from lakeproxy.metrics import Metrics
 from lakeproxy.session import ClientAuthenticator, ClientProtocol, Dialer, Session, SessionHooks
 
 log = logging.getLogger("lakeproxy.server")
@@ -231,8 +231,7 @@ class ProxyServer:
 
     def _session_finished(self, session: Session) -> None:
         r = session.record
-        self.metrics.session_finished(_METRIC_OUTCOME.get(r.outcome, "internal"),
-                                      r.bytes_up, r.bytes_down)
+        self.metrics.session_finished(r.outcome, r.bytes_up, r.bytes_down)
         duration = time.monotonic() - r.started
         level = logging.ERROR if r.outcome == "internal" else logging.INFO
         values: dict[str, object] = {
@@ -288,22 +287,6 @@ def _remove_stale_socket(path: str) -> None:
         else:
             raise _SocketPathInUse(errno.EADDRINUSE, "another server is listening there")
     os.unlink(path)
-
-
-#: Session outcomes (SessionRecord.outcome) -> the metric's outcome label.
-_METRIC_OUTCOME: dict[str, Outcome] = {
-    "ok": "ok",
-    "cancel": "ok",
-    "client_gone": "client_error",
-    "client_timeout": "client_error",
-    "client_error": "client_error",
-    "credential_error": "credential_error",
-    "upstream_error": "upstream_error",
-    "rejected": "rejected",
-    "too_many": "too_many",
-    "shutdown": "shutdown",
-    "internal": "internal",
-}
 
 
 def _install_signals(

@@ -28,6 +28,7 @@ from lakeproxy.errors import (
     TooManyConnections,
     UpstreamRejected,
 )
+from lakeproxy.metrics import Outcome
 from lakeproxy.splice import Splice, SpliceResult
 from lakeproxy.wire import sqlstate
 from lakeproxy.wire.client_handshake import (
@@ -145,7 +146,7 @@ class SessionRecord:
 
     client: str
     database: str = ""
-    outcome: str = "ok"
+    outcome: Outcome = "ok"
     sqlstate: str = ""
     closed_by: str = ""
     bytes_up: int = 0
@@ -301,10 +302,13 @@ class Session:
         try:
             await self._run()
         except _ClientGone:
-            self.record.outcome = self.record.outcome if self.record.sqlstate else "client_gone"
+            if not self.record.sqlstate:  # else what the client was told stands
+                self.record.outcome = "client_error"
+            self.record.error = self.record.error or "client hung up"
             self.transport.abort()
         except TimeoutError:
-            self.record.outcome = "client_timeout"
+            self.record.outcome = "client_error"
+            self.record.error = "login timeout"
             self.transport.abort()
         except ProtocolError as exc:
             self._fail(ClientProtocolError(str(exc), sqlstate=exc.sqlstate))
@@ -314,18 +318,19 @@ class Session:
             if not self.conn.gone:
                 self._fail(ShuttingDown("lakeproxy: terminating connection: proxy shutting down"))
             else:
-                self.record.outcome = "client_gone"
+                self.record.outcome = "client_error"
+                self.record.error = self.record.error or "client hung up"
             self.transport.abort()
         except (ssl.SSLError, ConnectionError) as exc:
             # Only the client's TLS handshake raises these here (garbage after 'S',
             # a cut ClientHello, a reset): the client's fault, and no one to tell.
-            self.record.outcome = "client_error" if isinstance(exc, ssl.SSLError) else "client_gone"
+            self.record.outcome = "client_error"
             self.record.error = type(exc).__name__
             self.transport.abort()
         except Exception as exc:
             if self.conn.hung_up():
                 # e.g. uvloop raising on a write to a transport the client just reset
-                self.record.outcome = "client_gone"
+                self.record.outcome = "client_error"
                 self.record.error = type(exc).__name__
                 self.transport.abort()
                 return
@@ -525,14 +530,26 @@ class Session:
         r.outcome = "ok"
 
     async def _forward_cancel(self, ev: CancelRequested) -> None:
+        """Forward a client's CancelRequest, then close its connection.
+
+        libpq's PQcancel, and so psql, psycopg and asyncpg, read the close of the
+        cancel connection as "delivered" and send their next statement at once.
+        PostgreSQL closes it only after it has signalled the backend, so the
+        close waits here until the forward is done: the endpoint closed its
+        cancel connection, or the forward failed or timed out (``send_cancel``'s
+        bound). A key lakeproxy did not hand out is dropped at once.
+        """
         req = ev.request
-        self.transport.close()  # PostgreSQL closes the cancel connection at once
         target = self.hooks.cancels.lookup(req.process_id, req.secret)
         if target is None:
+            self.transport.close()
             log.info("cancel request for unknown key (pid %d) dropped", req.process_id)
             return
-        with contextlib.suppress(Exception):
-            await target.endpoint.cancel(target.process_id, target.secret)
+        try:
+            with contextlib.suppress(Exception):
+                await target.endpoint.cancel(target.process_id, target.secret)
+        finally:
+            self.transport.close()
 
     def _fail(self, exc: LakeproxyError) -> None:
         r = self.record
@@ -579,21 +596,24 @@ def _client_error(exc: LakeproxyError) -> ErrorResponse:
     return error_response(exc.sqlstate, msg, hint=exc.hint)
 
 
-def _outcome(exc: LakeproxyError) -> str:
+def _outcome(exc: LakeproxyError) -> Outcome:
     if isinstance(exc, UpstreamRejected):
         return "rejected"
     if isinstance(exc, TooManyConnections):
         return "too_many"
     if isinstance(exc, ShuttingDown):
         return "shutdown"
-    return {
-        "client": "client_error",
-        "credential": "credential_error",
-        "upstream": "upstream_error",
-        "capacity": "too_many",
-        "config": "internal",
-        "internal": "internal",
-    }[exc.kind]
+    return _OUTCOME_BY_KIND[exc.kind]
+
+
+_OUTCOME_BY_KIND: Final[dict[str, Outcome]] = {
+    "client": "client_error",
+    "credential": "credential_error",
+    "upstream": "upstream_error",
+    "capacity": "too_many",
+    "config": "internal",
+    "internal": "internal",
+}
 
 
 def _format_peer(peer: object) -> str:
