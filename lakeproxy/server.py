@@ -25,6 +25,7 @@ from lakeproxy.config import Config, EndpointConfig, Listener
 from lakeproxy.errors import LakeproxyError, ShuttingDown, TooManyConnections
 from lakeproxy.log import fields as log_fields
 from lakeproxy.metrics import Metrics
+from lakeproxy.readiness import not_ready_reason
 from lakeproxy.session import ClientAuthenticator, ClientProtocol, Dialer, Session, SessionHooks
 
 log = logging.getLogger("lakeproxy.server")
@@ -40,7 +41,7 @@ class Endpoint:
 
 
 class ProxyServer:
-    """All listeners of one lakeproxy process. Implements admin's ReadinessSource."""
+    """All listeners of one lakeproxy process. Implements readiness.ReadinessSource."""
 
     def __init__(
         self,
@@ -206,6 +207,7 @@ class ProxyServer:
             connect_deadline=self.config.connect_deadline,
             cancels=self.cancels,
             admit=self._admit,
+            not_ready=self._not_ready_for_ping,
             tls_context=self._tls_context,
             tls_required=self.config.client_tls == "require",
             authenticator=self._authenticator,
@@ -229,11 +231,17 @@ class ProxyServer:
             )
         return None
 
+    def _not_ready_for_ping(self) -> str | None:
+        # The ping's own connection is one of self.sessions: count it out.
+        return not_ready_reason(self, asking=1)
+
     def _session_finished(self, session: Session) -> None:
         r = session.record
         self.metrics.session_finished(r.outcome, r.bytes_up, r.bytes_down)
         duration = time.monotonic() - r.started
-        level = logging.ERROR if r.outcome == "internal" else logging.INFO
+        level = (logging.ERROR if r.outcome == "internal"
+                 else logging.DEBUG if r.outcome == "probe"  # one every few seconds
+                 else logging.INFO)
         values: dict[str, object] = {
             "client": r.client,
             "database": r.database,

@@ -44,6 +44,7 @@ from lakeproxy.wire.client_handshake import (
 )
 from lakeproxy.wire.codec import (
     AuthenticationOk,
+    AuthenticationSASL,
     BackendKeyData,
     ErrorResponse,
     PasswordKind,
@@ -72,6 +73,13 @@ _TLS_RECORD: Final = bytes((TLS_HANDSHAKE_RECORD,))
 
 #: The ALPN protocol a direct TLS client must offer (as PostgreSQL 17 requires).
 ALPN_POSTGRESQL: Final = "postgresql"
+
+#: libpq's fallback application name in pg_isready's startup (PQping), see
+#: src/bin/scripts/pg_isready.c: ``fallback_application_name = progname``.
+PING_APPLICATION_NAME: Final = "pg_isready"
+
+#: The SASL mechanism offered to a ready ping (RFC 7677).
+SCRAM_SHA_256: Final = "SCRAM-SHA-256"
 
 
 class Upstream(Protocol):
@@ -134,6 +142,9 @@ class SessionHooks:
     connect_deadline: float
     cancels: CancelRegistry[Dialer]
     admit: Callable[[], LakeproxyError | None]  # None when the client may proceed
+    #: Why the proxy is not ready for new clients (the /readyz rule), None when it
+    #: is; asked by a pg_isready ping, counting that ping's own connection out.
+    not_ready: Callable[[], str | None]
     tls_context: ssl.SSLContext | None = None
     tls_required: bool = False
     authenticator: Callable[[], ClientAuthenticator] | None = None
@@ -365,6 +376,9 @@ class Session:
                 await self._forward_cancel(ev)
                 return
             if isinstance(ev, StartupReceived):
+                if ev.message.params.get("application_name") == PING_APPLICATION_NAME:
+                    self._answer_ping(ev)
+                    return
                 break
             raise ClientProtocolError(f"unexpected {type(ev).__name__} before startup")
         if hooks.tls_required and not tls_on:
@@ -404,6 +418,35 @@ class Session:
             upstream.transport.abort()
             raise _ClientGone
         await self._relay_startup(upstream)
+
+    def _answer_ping(self, ev: StartupReceived) -> None:
+        """Answer a ``pg_isready`` ping here: no credential, no dial.
+
+        libpq's PQping reports "accepting connections" as soon as the server
+        asks for authentication, and "rejecting connections" on SQLSTATE 57P03
+        (any other error counts as up). Ready (the /readyz rule): a SCRAM
+        request, then close; SCRAM rather than a password request, so a client
+        with a password set sends nothing secret. Not ready: FATAL 57P03 with
+        the reason. Asked before client TLS and password policy, so every ping
+        gets the real answer.
+        """
+        r = self.record
+        r.outcome = "probe"
+        r.database = ev.message.params.get("database", "")
+        reason = self.hooks.not_ready()
+        out = negotiate_bytes(ev.negotiate)
+        if reason is None:
+            out += encode(AuthenticationSASL((SCRAM_SHA_256,)))
+        else:
+            r.sqlstate = sqlstate.CANNOT_CONNECT_NOW
+            r.error = reason
+            out += encode(error_response(
+                sqlstate.CANNOT_CONNECT_NOW,
+                f"lakeproxy: not accepting connections: {reason}",
+                hint="GET /readyz on the admin server says the same",
+            ))
+        self.transport.write(out)
+        self.transport.close()
 
     async def _dial(self, params: dict[str, str], *, deadline: float) -> Upstream:
         """Dial the endpoint; give up as soon as the client hangs up.
