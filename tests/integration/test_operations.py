@@ -22,10 +22,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from lakeproxy.admin import AdminServer
+from lakeproxy.app import Runtime
 from lakeproxy.config import load_config
 from lakeproxy.emulator import Emulator
 from lakeproxy.emulator.api import POSTGRES_CREDENTIALS_PATH
-from lakeproxy.endpoint import Runtime
 from lakeproxy.metrics import Metrics
 
 from .proxy_process import ProxyProcess, base_env, psql, running
