@@ -4,11 +4,12 @@ libpq's ``PQcancel`` (psql, psycopg ``conn.cancel()``, every libpq driver) and
 asyncpg read the close of the cancel connection as "delivered" and send their
 next statement at once; PostgreSQL closes that connection only after it has
 signalled the backend. These tests put lakeproxy in front of a real TLS
-PostgreSQL (PostgreSQL's own cancel semantics at the endpoint; the emulator's
-front door, like Neon's proxy, closes as soon as it has written the request on,
-which on loopback races the next statement), so what they see is lakeproxy's
-own ordering. The tests that a cancel stops a running query through the
-emulator are in test_proxy_e2e.py.
+PostgreSQL, so the endpoint has PostgreSQL's own cancel semantics and what they
+see is lakeproxy's ordering. (The emulator's front door closes its cancel
+connection as soon as it has written the request on to its cluster, as
+tokio-postgres' ``cancel_query_raw`` does; on loopback that races the next
+statement whatever lakeproxy does, 8 of 20 in one run.) The tests that a
+cancel stops a running query through the emulator are in test_proxy_e2e.py.
 """
 
 from __future__ import annotations
