@@ -115,6 +115,7 @@ async def test_a_client_stepping_slowly_is_closed_at_the_login_deadline(
         assert await client.read_message() is None
         client.writer.close()
         line = await p.wait_for_line("session end")
-        assert "client_timeout" in line
+        assert "outcome=client_error" in line
+        assert "login timeout" in line
         # A client that keeps pace logs in as before.
         assert await _select_1(p, password="slow-client-pw-1") == 1

@@ -16,9 +16,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "lakeproxy"
 #: Floors, lowest first. A module may import its own floor and those below.
 #: The first matching prefix decides (longest prefixes first within a floor).
 FLOORS: list[tuple[str, ...]] = [
-    ("lakeproxy.wire", "lakeproxy.config", "lakeproxy.errors", "lakeproxy.log", "lakeproxy.fds",
-     "lakeproxy.metrics", "lakeproxy.tls", "lakeproxy.cancel", "lakeproxy.auth.provider",
-     "lakeproxy.auth.backoff"),
+    ("lakeproxy.wire", "lakeproxy.config", "lakeproxy.errors", "lakeproxy.log",
+     "lakeproxy.metrics", "lakeproxy.readiness", "lakeproxy.tls", "lakeproxy.cancel",
+     "lakeproxy.auth.provider", "lakeproxy.auth.backoff", "lakeproxy.fds"),
     ("lakeproxy.retry", "lakeproxy.client_auth", "lakeproxy.auth"),
     ("lakeproxy.upstream",),
     ("lakeproxy.splice", "lakeproxy.session"),
