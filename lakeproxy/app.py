@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import ssl
 from collections.abc import Callable, Coroutine, Sequence
@@ -24,6 +25,7 @@ from lakeproxy.admin import AdminServer
 from lakeproxy.client_auth import ScramAuthenticator, ScramVerifier
 from lakeproxy.config import Config, EndpointConfig, Listener, reload_config
 from lakeproxy.errors import ConfigError, CredentialError, LakeproxyError
+from lakeproxy.fds import FDS_PER_CLIENT, FDS_RESERVED, clients_allowed, raise_open_files_limit
 from lakeproxy.metrics import Metrics
 from lakeproxy.server import Endpoint, ProxyServer, bind_error
 from lakeproxy.session import ClientAuthenticator
@@ -200,6 +202,30 @@ def _same_upstream(
     )
 
 
+def check_open_files(max_clients: int) -> None:
+    """Raise the soft open-files limit to the hard one; log what it allows.
+
+    One INFO line with the limit and the ``max_clients`` it leaves room for; a
+    WARNING when ``max_clients`` needs more (clients past the limit would be
+    refused with 53300 "out of file descriptors").
+    """
+    before, soft, hard = raise_open_files_limit()
+    allowed = clients_allowed(soft)
+    unlimited = soft == resource.RLIM_INFINITY
+    limit = "unlimited" if unlimited else str(soft)
+    raised = f", raised from {before}" if soft != before else ""
+    hard_text = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    log.info("open files limit %s (hard %s%s): room for max_clients %s (configured %d)",
+             limit, hard_text, raised, "any" if unlimited else allowed, max_clients)
+    if not unlimited and max_clients > allowed:
+        log.warning(
+            "open files limit %d leaves room for %d clients, but LAKEPROXY_MAX_CLIENTS is %d "
+            "(each client needs up to %d descriptors, plus %d for the proxy): raise the hard "
+            "limit (ulimit -Hn, systemd LimitNOFILE=, docker --ulimit nofile=) or lower "
+            "LAKEPROXY_MAX_CLIENTS", soft, allowed, max_clients, FDS_PER_CLIENT, FDS_RESERVED,
+        )
+
+
 def _install_signals(
     loop: asyncio.AbstractEventLoop, stop: asyncio.Event, reload: Callable[[], None]
 ) -> Callable[[], None]:
@@ -231,6 +257,7 @@ async def serve(config: Config, *, ready: Callable[[ProxyServer], None] | None =
     server cannot be bound (logged as one line).
     """
     loop = asyncio.get_running_loop()
+    check_open_files(config.max_clients)
     metrics = Metrics()
     runtime = Runtime(config, metrics)
     server = runtime.server
