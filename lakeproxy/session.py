@@ -307,6 +307,8 @@ class Session:
         self.connecting = False
         self.splice: Splice | None = None
         self.evicted = False
+        #: Armed for the pre-login phase (LAKEPROXY_LOGIN_TIMEOUT), then disarmed.
+        self._login_deadline = asyncio.timeout(None)
 
     # -- public, for the server -------------------------------------------
 
@@ -331,7 +333,8 @@ class Session:
 
     async def run(self) -> None:
         try:
-            await self._run()
+            async with self._login_deadline:  # TimeoutError when it expires
+                await self._run()
         except _ClientGone:
             if not self.record.sqlstate:  # else what the client was told stands
                 self.record.outcome = "client_error"
@@ -375,49 +378,9 @@ class Session:
         loop = asyncio.get_running_loop()
         conn = self.conn
         hooks = self.hooks
-        hooks.enter_login(self)
-        try:
-            async with asyncio.timeout_at(loop.time() + hooks.login_timeout):
-                ev = await self._login()
-        finally:
-            hooks.leave_login(self)
-        if ev is None:
-            return
-        if isinstance(ev, CancelRequested):
-            self.record.outcome = "cancel"
-            await self._forward_cancel(ev)
-            return
-        refused = hooks.admit(self)
-        if refused is not None:
-            raise refused
-        # Everything else the client sent stays in the kernel until the splice.
-        self.transport.pause_reading()
-
-        params = dict(ev.message.params)
-        params["user"] = hooks.role
-        params["database"] = self.record.database
-        if conn.hung_up():  # before we paused reading: mint and dial for no one
-            raise _ClientGone
-        self.connecting = True
-        started = loop.time()
-        try:
-            upstream = await self._dial(params, deadline=started + hooks.connect_deadline)
-        finally:
-            self.connecting = False
-        hooks.on_upstream_connected(loop.time() - started)
-        if conn.hung_up():
-            upstream.transport.abort()
-            raise _ClientGone
-        await self._relay_startup(upstream)
-
-    async def _login(self) -> StartupReceived | CancelRequested | None:
-        """The pre-login phase: SSL/GSS negotiation, the startup packet and the
-        client's password (when one is required). Returns the startup, a
-        CancelRequest to forward, or None when a ``pg_isready`` ping was answered."""
-        loop = asyncio.get_running_loop()
-        conn = self.conn
-        hooks = self.hooks
         tls_on = False
+        hooks.enter_login(self)
+        self._login_deadline.reschedule(loop.time() + hooks.login_timeout)
         while True:
             ev = await conn.next_event(loop.time() + LOGIN_MESSAGE_TIMEOUT)
             if isinstance(ev, _DirectTLS):
@@ -437,11 +400,14 @@ class Session:
                 self.transport.write(conn.handshake.answer_gssenc())
                 continue
             if isinstance(ev, CancelRequested):
-                return ev
+                self.record.outcome = "cancel"
+                self._end_login()
+                await self._forward_cancel(ev)
+                return
             if isinstance(ev, StartupReceived):
                 if ev.message.params.get("application_name") == PING_APPLICATION_NAME:
                     self._answer_ping(ev)
-                    return None
+                    return
                 break
             raise ClientProtocolError(f"unexpected {type(ev).__name__} before startup")
         if hooks.tls_required and not tls_on:
@@ -459,7 +425,29 @@ class Session:
         self.transport.write(negotiate_bytes(ev.negotiate))
         if hooks.authenticator is not None:
             await self._authenticate_client(hooks.authenticator())
-        return ev
+        self._end_login()
+        refused = hooks.admit(self)
+        if refused is not None:
+            raise refused
+        # Everything else the client sent stays in the kernel until the splice.
+        self.transport.pause_reading()
+
+        params = dict(startup.params)
+        params["user"] = hooks.role
+        params["database"] = database
+        if conn.hung_up():  # before we paused reading: mint and dial for no one
+            raise _ClientGone
+        self.connecting = True
+        started = loop.time()
+        try:
+            upstream = await self._dial(params, deadline=started + hooks.connect_deadline)
+        finally:
+            self.connecting = False
+        hooks.on_upstream_connected(loop.time() - started)
+        if conn.hung_up():
+            upstream.transport.abort()
+            raise _ClientGone
+        await self._relay_startup(upstream)
 
     def _answer_ping(self, ev: StartupReceived) -> None:
         """Answer a ``pg_isready`` ping here: no credential, no dial.
@@ -489,6 +477,11 @@ class Session:
             ))
         self.transport.write(out)
         self.transport.close()
+
+    def _end_login(self) -> None:
+        """The pre-login phase is over: its deadline and its budget no longer apply."""
+        self._login_deadline.reschedule(None)
+        self.hooks.leave_login(self)
 
     async def _dial(self, params: dict[str, str], *, deadline: float) -> Upstream:
         """Dial the endpoint; give up as soon as the client hangs up.
