@@ -673,8 +673,8 @@ class _Loader:
         host_kind = self.parse_opt(kind_raw, as_host_kind)
         if kind_raw is not None and host_kind is not None and inst_raw is not None and (
                 host_kind not in PROVISIONED_KINDS):
-            self.bad(kind_raw, "a provisioned instance (LAKEBASE_INSTANCE) has no pooled hosts; "
-                     "use read_write or read_only")
+            self.bad(kind_raw, "a provisioned instance has no pooled hosts (Lakebase pools "
+                     "only autoscaling endpoints); use read_write or read_only")
         hostaddr = self.parse_opt(src("hostaddr", "PGHOSTADDR"), as_ip_address)
         port = self.parse(src("port", "PGPORT"), as_pg_port, DEFAULT_PGPORT)
         database = self.parse(src("database", "PGDATABASE"), as_text, DEFAULT_DATABASE)
