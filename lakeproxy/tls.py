@@ -85,6 +85,12 @@ def _noop_data(data: bytes) -> None:
     pass
 
 
+#: The protocol of a transport whose connection is lost: it lets go of the
+#: real one, which often holds the transport (a login in progress does), so
+#: the pair is freed by reference counting, not by the cyclic collector.
+_GONE: Final = asyncio.Protocol()
+
+
 class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
     """TLS over ``raw``: the raw transport's (buffered) protocol, and a transport
     for ``protocol``.
@@ -392,8 +398,7 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
             self._fail_handshake(err)
             return
         if not self._lost:
-            self._lost = True
-            self._app.connection_lost(cast("Exception | None", exc))
+            self._lose(exc)
 
     def pause_writing(self) -> None:
         self._app.pause_writing()
@@ -415,8 +420,14 @@ class TLSTransport(asyncio.Transport, asyncio.BufferedProtocol):
         self._closing = True
         self._raw.abort()
         if not self._lost:
-            self._lost = True
-            self._app.connection_lost(cast(Exception, exc))
+            self._lose(exc)
+
+    def _lose(self, exc: BaseException | None) -> None:
+        """Tell the protocol the connection is lost, then let go of it."""
+        self._lost = True
+        app = self._app
+        self._app, self._app_data = _GONE, _noop_data
+        app.connection_lost(cast("Exception | None", exc))
 
     def _begin_handshake(self, on_handshake: Callable[[TLSTransport], None] | None) -> None:
         self._handshake = asyncio.get_running_loop().create_future()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import ssl
@@ -353,6 +354,44 @@ def test_a_session_that_relayed_bulk_keeps_little(server_tls: TlsFiles) -> None:
         assert per_session < 256 * 1024, f"{per_session // 1024} KiB per idle session"
 
     run("uvloop", scenario())
+
+
+def test_a_lost_connection_lets_go_of_its_protocol(loop_name: str, server_tls: TlsFiles) -> None:
+    """A protocol that holds its transport (as the upstream login does) and
+    the transport are freed when the connection is lost, without the cyclic
+    garbage collector: the transport drops its protocol once it has told it."""
+
+    class Holding(Collect):
+        transport: TLSTransport | None = None
+
+    def alive() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, TLSTransport))
+
+    async def one(port: int, close: str) -> None:
+        app = Holding()
+        t = app.transport = await dial(server_tls, port, app)
+        if close == "abort":
+            t.abort()
+        else:  # closed after a round trip: close_notify, then the peer's EOF
+            t.write(b"x")
+            await app.until(lambda: bool(app.data))
+            t.close()
+        await app.until(lambda: app.lost)
+        await asyncio.sleep(0.05)  # the raw transport's last callbacks
+
+    async def scenario() -> None:
+        async with tls_server(server_tls, echo) as port:
+            gc.collect()
+            gc.disable()
+            try:
+                before = alive()
+                await one(port, "abort")
+                await one(port, "close")
+                assert alive() == before
+            finally:
+                gc.enable()
+
+    run(loop_name, scenario())
 
 
 def test_pause_reading_stops_delivery(loop_name: str, server_tls: TlsFiles) -> None:
