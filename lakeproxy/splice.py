@@ -30,8 +30,9 @@ upstream, proxy CPU; `python -m benchmarks.splice_micro --tls --variants ...`):
   counting ``Protocol`` half (17.2 vs 17.0 µs), kept because it is free.
 - ``TCP_NODELAY`` on (off measured no cheaper: 17.7 µs, 1.46 s/GB) so a
   message that ends in a small write never waits for an ACK.
-- Write high-water 64 KiB: 256 KiB and 1 MiB measured the same CPU and
-  throughput; 64 KiB bounds what a bulk session holds in write buffers.
+- Write high-water 256 KiB: 1 MiB measured the same CPU and throughput,
+  64 KiB up to 4% more CPU client to endpoint; 256 KiB bounds a session to
+  ~0.5 MiB of our buffers.
 - Memory is given back when a session ends, not when the cyclic garbage
   collector runs: the halves drop their reference to the splice in
   :meth:`Splice._finish` (see :class:`_Ends`).
@@ -56,12 +57,13 @@ Side = Literal["client", "upstream", "proxy"]
 CLOSE_FLUSH_TIMEOUT: Final = 30.0
 
 #: Write-buffer high-water mark per direction. Past it, the other side stops
-#: reading. 64 KiB, 256 KiB and 1 MiB measured the same proxy CPU and MB/s
-#: (benchmarks/README.md, splice variants; again side by side for issue #15,
-#: RELIABILITY.md section 5): the smallest bounds what a session moving bulk
-#: data holds (this plus one read of at most 256 KiB per direction).
-WRITE_HIGH_WATER: Final = 64 * 1024
-WRITE_LOW_WATER: Final = 16 * 1024
+#: reading. 256 KiB keeps a bulk COPY streaming in large writes while bounding
+#: a session's worst case to about twice this. 64 KiB measured the same in the
+#: splice variants (benchmarks/README.md) but 4% more proxy CPU per GB client
+#: to endpoint in 13 interleaved runs for issue #15 (256 KiB: within 2% of
+#: before; RELIABILITY.md section 5), for a few MiB less at peak: kept.
+WRITE_HIGH_WATER: Final = 256 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
