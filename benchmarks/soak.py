@@ -399,6 +399,8 @@ def _error_key(exc: BaseException) -> str:
     sqlstate = getattr(exc, "sqlstate", None)  # asyncpg's errors carry it too
     if isinstance(sqlstate, str) and sqlstate:
         return sqlstate
+    if isinstance(exc, RuntimeError) and "handler is closed" in str(exc):
+        return "TransportClosed"  # uvloop: the client wrote after the connection closed
     return type(exc).__name__
 
 
@@ -427,6 +429,8 @@ async def worker(ctx: Ctx, stop_at: float, names: list[str], weights: list[int])
 KILL_ERRORS = frozenset({
     "57P01", "IncompleteReadError", "ConnectionResetError", "BrokenPipeError",
     "08003",  # asyncpg: "connection was closed in the middle of operation"
+    "InternalClientError",  # asyncpg closing a connection cut mid-operation
+    "TransportClosed",  # a write after the connection closed (uvloop's RuntimeError)
 })
 
 
