@@ -44,6 +44,7 @@ CredentialObserver = Callable[[str, float], None]
 KIND_OAUTH: Final = "oauth"
 KIND_DATABASE: Final = "database"
 KIND_ENDPOINT: Final = "endpoint"
+KIND_IDENTITY: Final = "identity"
 RESULT_OK: Final = "ok"
 RESULT_ERROR: Final = "error"
 RESULT_REFUSED: Final = "refused"
@@ -56,6 +57,7 @@ _DESCRIPTION: Final = {
     KIND_OAUTH: "workspace OAuth token",
     KIND_DATABASE: "database credential",
     KIND_ENDPOINT: "endpoint host",
+    KIND_IDENTITY: "signed-in identity",
 }
 
 
@@ -272,7 +274,7 @@ class _Slot:
             self._start()
 
 
-def _retrieve(task: asyncio.Task[Credential]) -> None:
+def _retrieve(task: asyncio.Task[Credential] | asyncio.Task[str]) -> None:
     """Mark a refresh's exception as retrieved (waiters, if any, also get it)."""
     if not task.cancelled():
         task.exception()
@@ -312,6 +314,7 @@ class CachedCredentials:
             backoff=backoff, on_credential=on_credential, depends_on=self._oauth,
         )
         self._hosts: dict[str, str] = {}
+        self._identity: asyncio.Task[str] | None = None
 
     def __repr__(self) -> str:
         return f"CachedCredentials({self._api!r})"
@@ -342,6 +345,16 @@ class CachedCredentials:
             return True
         return self._database.last_ok is True
 
+    @property
+    def static(self) -> bool:
+        """True when the workspace token is a static one (``pat``)."""
+        return self._api.static_token
+
+    @property
+    def method(self) -> str:
+        """The workspace sign-in method in use (``oauth-m2m``, ``databricks-cli``, ...)."""
+        return self._api.method
+
     async def endpoint_host(
         self, endpoint_name: str | None = None, *, deadline: float
     ) -> str:
@@ -354,15 +367,47 @@ class CachedCredentials:
         name = endpoint_name or self._api.endpoint_name or ""
         if name in self._hosts:
             return self._hosts[name]
+        host = await self._lookup(
+            KIND_ENDPOINT,
+            lambda bearer, d: self._api.endpoint_host(bearer, name or None, deadline=d),
+            deadline,
+        )
+        self._hosts[name] = host
+        return host
+
+    async def identity(self, *, deadline: float) -> str:
+        """The signed-in identity's name (SCIM ``Me`` ``userName``): the role to log
+        in as when none is configured. Asked once, then remembered; callers
+        arriving meanwhile share the one request.
+
+        Raises CredentialError as :meth:`endpoint_host` does.
+        """
+        task = self._identity
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            loop = asyncio.get_running_loop()
+            # Not bounded by this caller's deadline: a later caller may wait longer.
+            task = loop.create_task(
+                self._lookup(KIND_IDENTITY, lambda bearer, d: self._api.me(bearer, deadline=d),
+                             loop.time() + self._api.request_timeout * 3),
+                name="lakeproxy-identity",
+            )
+            task.add_done_callback(_retrieve)
+            self._identity = task
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            raise CredentialUnavailable(KIND_IDENTITY, None) from None
+
+    async def _lookup(
+        self, kind: str, call: Callable[[str, float], Awaitable[T]], deadline: float
+    ) -> T:
+        """Run an authorized API read, retrying retryable failures until ``deadline``."""
         loop = asyncio.get_running_loop()
         delays = self._backoff()
         while True:
             try:
-                host = await self._authorized(
-                    KIND_ENDPOINT,
-                    lambda bearer, d: self._api.endpoint_host(bearer, name or None, deadline=d),
-                    deadline,
-                )
+                return await self._authorized(kind, call, deadline)
             except CredentialError as err:
                 if not err.retryable:
                     raise
@@ -370,15 +415,15 @@ class CachedCredentials:
                 if err.retry_after is not None:
                     delay = max(delay, err.retry_after)
                 if loop.time() + delay >= deadline:
-                    raise CredentialUnavailable(KIND_ENDPOINT, err) from None
-                log.info("endpoint host lookup failed (retrying in %.2fs): %s", delay, err)
+                    raise CredentialUnavailable(kind, err) from None
+                log.info("%s lookup failed (retrying in %.2fs): %s", _DESCRIPTION[kind], delay,
+                         err)
                 await asyncio.sleep(delay)
-                continue
-            self._hosts[name] = host
-            return host
 
     async def close(self) -> None:
         """Stop background refreshes and close the HTTP session."""
+        if self._identity is not None and not self._identity.done():
+            self._identity.cancel()
         await self._database.close()
         await self._oauth.close()
         await self._api.close()

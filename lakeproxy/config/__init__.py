@@ -13,6 +13,7 @@ importable from this package.
 
 from lakeproxy.config.load import ENV_VARS, FILE_KEYS, FLAG_KEYS, load_config, reload_config
 from lakeproxy.config.model import (
+    AUTH_TYPES,
     DEFAULT_CONNECT_DEADLINE,
     DEFAULT_DATABASE,
     DEFAULT_LISTEN,
@@ -22,6 +23,7 @@ from lakeproxy.config.model import (
     DEFAULT_SSLMODE,
     DEFAULT_SSLROOTCERT,
     DEFAULT_UNIX_PORT,
+    AuthType,
     ClientTls,
     Config,
     DatabricksConfig,
@@ -40,6 +42,7 @@ from lakeproxy.config.values import (
 )
 
 __all__ = [
+    "AUTH_TYPES",
     "DEFAULT_CONNECT_DEADLINE",
     "DEFAULT_DATABASE",
     "DEFAULT_LISTEN",
@@ -52,6 +55,7 @@ __all__ = [
     "ENV_VARS",
     "FILE_KEYS",
     "FLAG_KEYS",
+    "AuthType",
     "ClientTls",
     "Config",
     "DatabricksConfig",

@@ -28,7 +28,7 @@ async def test_check_passes_with_one_line_per_step(emulator: Emulator) -> None:
     assert code == 0, out + err
     lines = [ln for ln in out.splitlines() if ln.startswith("[")]
     steps = [ln[7:30].strip() for ln in lines]
-    assert steps == ["workspace token", "database credential", "endpoint host lookup",
+    assert steps == ["workspace token", "identity", "database credential", "endpoint host lookup",
                      "TCP+TLS", "login", "query"]
     assert all(ln.startswith("[  ok]") and " ms " in ln for ln in lines)
     assert f"current_user={emulator.role}" in lines[-1]
