@@ -118,6 +118,7 @@ def _reset(emu: Emulator) -> None:
     emu.workspace.credential_lifetime = 3600.0
     emu.workspace.calls.clear()
     emu.workspace.requests.clear()
+    emu.identity.reset()
     if emu.frontdoor.state != "ACTIVE":
         emu.frontdoor.resume()
     emu.frontdoor.wakes = emu.frontdoor.connections = emu.frontdoor.logins = 0

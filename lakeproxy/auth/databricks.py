@@ -48,6 +48,7 @@ from lakeproxy.auth.signin.base import parse_rfc3339 as parse_rfc3339
 from lakeproxy.auth.signin.base import retryable as _retryable
 from lakeproxy.auth.signin.base import str_field as _str_field
 from lakeproxy.auth.signin.m2m import HINT_CLIENT, M2MSignIn
+from lakeproxy.auth.signin.m2m import OIDC_TOKEN_PATH as OIDC_TOKEN_PATH
 from lakeproxy.auth.signin.pat import HINT_PAT, PatSignIn
 from lakeproxy.errors import ConfigError, CredentialError
 from lakeproxy.wire import sqlstate
