@@ -47,9 +47,11 @@ from lakeproxy.auth.signin.base import malformed as _malformed
 from lakeproxy.auth.signin.base import parse_rfc3339 as parse_rfc3339
 from lakeproxy.auth.signin.base import retryable as _retryable
 from lakeproxy.auth.signin.base import str_field as _str_field
-from lakeproxy.auth.signin.m2m import HINT_CLIENT, M2MSignIn
+from lakeproxy.auth.signin.m2m import HINT_CLIENT as HINT_CLIENT
 from lakeproxy.auth.signin.m2m import OIDC_TOKEN_PATH as OIDC_TOKEN_PATH
-from lakeproxy.auth.signin.pat import HINT_PAT, PatSignIn
+from lakeproxy.auth.signin.m2m import M2MSignIn
+from lakeproxy.auth.signin.pat import HINT_PAT as HINT_PAT
+from lakeproxy.auth.signin.pat import PatSignIn
 from lakeproxy.errors import ConfigError, CredentialError
 from lakeproxy.wire import sqlstate
 
