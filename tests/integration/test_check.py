@@ -55,3 +55,20 @@ async def test_check_tls_verification_failure_is_reported(emulator: Emulator) ->
     assert "[FAIL] TCP+TLS" in out
     assert "fix:" in out
     assert "PGSSLROOTCERT" in out
+
+
+async def test_check_prints_the_sign_in_method_and_identity(emulator: Emulator) -> None:
+    code, out, err = await _check(emulator.signin_env("databricks-cli"))
+    assert code == 0, out + err
+    assert "signing in with databricks-cli" in out.splitlines()[0]
+    identity = next(ln for ln in out.splitlines() if ln.startswith("[  ok] identity"))
+    assert f"{emulator.identity.user} (logging in as this role)" in identity
+    assert f"current_user={emulator.identity.user}" in out
+
+
+async def test_check_names_the_fix_when_the_cli_is_not_logged_in(emulator: Emulator) -> None:
+    emulator.identity.databricks_cli = "logged-out"
+    code, out, _ = await _check(emulator.signin_env("databricks-cli"))
+    assert code == 1
+    assert "[FAIL] workspace token" in out
+    assert f"fix: run `databricks auth login --host {emulator.workspace.url}`" in out
