@@ -40,15 +40,12 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Final
+from typing import Final, Protocol
 
 from aiohttp import web
-
-if TYPE_CHECKING:
-    from lakeproxy.emulator.identity import IdentityProviders
 
 __all__ = ["FakeWorkspace", "Fault", "RecordedRequest", "rfc3339"]
 
@@ -73,6 +70,18 @@ _ERROR_CODES: Final[dict[int, str]] = {
 }
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class IdentityProviders(Protocol):
+    """What the workspace needs of :class:`lakeproxy.emulator.identity.IdentityProviders`."""
+
+    def token_exchange(self, form: Mapping[str, object]) -> web.Response:
+        """Answer the token-exchange grant of ``/oidc/v1/token``."""
+        ...
+
+    def add_routes(self, app: web.Application) -> None:
+        """Serve the identity providers' routes."""
+        ...
 
 
 def rfc3339(ts: float) -> str:

@@ -45,8 +45,6 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 if TYPE_CHECKING:
-    from multidict import MultiDictProxy
-
     from lakeproxy.emulator.api import FakeWorkspace
 
 AZURE_DATABRICKS_RESOURCE: Final = "2ff814a6-3304-4ab8-85cb-cd0e6f879c1d"
@@ -170,8 +168,7 @@ class IdentityProviders:
                    f"in the JWKS of issuer {claims.get('iss')!s})"
         return claims
 
-    def token_exchange(self, form: MultiDictProxy[str | bytes | web.FileField]
-                       | Mapping[str, object]) -> web.Response:
+    def token_exchange(self, form: Mapping[str, object]) -> web.Response:
         """The token-exchange grant of ``/oidc/v1/token``."""
         if form.get("subject_token_type") != "urn:ietf:params:oauth:token-type:jwt":
             return _oauth_error(400, "invalid_request",
