@@ -31,6 +31,7 @@ from typing import Final, TypeVar
 from lakeproxy.auth.backoff import backoff_delays
 from lakeproxy.auth.databricks import HINT_UNREACHABLE, DatabricksApi
 from lakeproxy.auth.provider import Credential
+from lakeproxy.auth.status import TargetStatus
 from lakeproxy.errors import CredentialError
 from lakeproxy.wire import sqlstate
 
@@ -56,7 +57,7 @@ _REFUSED_RETRY_DELAY: Final = 10.0
 _DESCRIPTION: Final = {
     KIND_OAUTH: "workspace OAuth token",
     KIND_DATABASE: "database credential",
-    KIND_ENDPOINT: "endpoint host",
+    KIND_ENDPOINT: "endpoint status",
     KIND_IDENTITY: "signed-in identity",
 }
 
@@ -367,7 +368,7 @@ class CachedCredentials:
         name = endpoint_name or self._api.endpoint_name or ""
         if name in self._hosts:
             return self._hosts[name]
-        host = await self._lookup(
+        host = await self._retried(
             KIND_ENDPOINT,
             lambda bearer, d: self._api.endpoint_host(bearer, name or None, deadline=d),
             deadline,
@@ -380,15 +381,15 @@ class CachedCredentials:
         in as when none is configured. Asked once, then remembered; callers
         arriving meanwhile share the one request.
 
-        Raises CredentialError as :meth:`endpoint_host` does.
+        Raises CredentialError as :meth:`target_status` does.
         """
         task = self._identity
         if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             loop = asyncio.get_running_loop()
             # Not bounded by this caller's deadline: a later caller may wait longer.
             task = loop.create_task(
-                self._lookup(KIND_IDENTITY, lambda bearer, d: self._api.me(bearer, deadline=d),
-                             loop.time() + self._api.request_timeout * 3),
+                self._retried(KIND_IDENTITY, lambda bearer, d: self._api.me(bearer, deadline=d),
+                              loop.time() + self._api.request_timeout * 3),
                 name="lakeproxy-identity",
             )
             task.add_done_callback(_retrieve)
@@ -399,10 +400,23 @@ class CachedCredentials:
         except TimeoutError:
             raise CredentialUnavailable(KIND_IDENTITY, None) from None
 
-    async def _lookup(
+    async def target_status(self, *, deadline: float) -> TargetStatus:
+        """The configured endpoint's or instance's hosts and state, read now
+        (never cached here: the caller decides how fresh it must be).
+
+        Retries like :meth:`get`; raises CredentialError (08006
+        :class:`CredentialUnavailable` when the API kept failing until ``deadline``).
+        """
+        return await self._retried(
+            KIND_ENDPOINT,
+            lambda bearer, d: self._api.target_status(bearer, deadline=d),
+            deadline,
+        )
+
+    async def _retried(
         self, kind: str, call: Callable[[str, float], Awaitable[T]], deadline: float
     ) -> T:
-        """Run an authorized API read, retrying retryable failures until ``deadline``."""
+        """:meth:`_authorized`, with retryable failures retried with backoff until ``deadline``."""
         loop = asyncio.get_running_loop()
         delays = self._backoff()
         while True:
@@ -416,8 +430,8 @@ class CachedCredentials:
                     delay = max(delay, err.retry_after)
                 if loop.time() + delay >= deadline:
                     raise CredentialUnavailable(kind, err) from None
-                log.info("%s lookup failed (retrying in %.2fs): %s", _DESCRIPTION[kind], delay,
-                         err)
+                log.info("%s request failed (retrying in %.2fs): %s",
+                         _DESCRIPTION[kind], delay, err)
                 await asyncio.sleep(delay)
 
     async def close(self) -> None:

@@ -21,8 +21,10 @@ from typing import Final, cast, get_args
 from lakeproxy.config.model import (
     AUTH_TYPES,
     DEFAULT_UNIX_PORT,
+    HOST_KINDS,
     AuthType,
     ClientTls,
+    HostKind,
     Listener,
     LogFormat,
     LogLevel,
@@ -265,6 +267,10 @@ def as_sslmode(raw: Raw) -> SslMode:
             "to the endpoint)"
         )
     return cast(SslMode, as_choice(get_args(SslMode))(raw))
+
+
+def as_host_kind(raw: Raw) -> HostKind:
+    return cast(HostKind, as_choice(HOST_KINDS)(raw))
 
 
 def as_client_tls(raw: Raw) -> ClientTls:
