@@ -239,14 +239,12 @@ class DatabricksApi:
             problems.extend(exc.problems)
             self.host = ""
         has_oauth = bool(client_id or client_secret)
-        if signin is not None:
-            pass
-        elif token and has_oauth:
+        if signin is None and token and has_oauth:
             problems.append(
                 "DATABRICKS_TOKEN and DATABRICKS_CLIENT_ID/DATABRICKS_CLIENT_SECRET: "
                 "set one authentication method, not both"
             )
-        elif not token and not (client_id and client_secret):
+        elif signin is None and not token and not (client_id and client_secret):
             problems.append(
                 "DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (or DATABRICKS_TOKEN): "
                 "required"
