@@ -9,6 +9,7 @@ reaches a waiting client as 28000 with the provider's own text and the fix.
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import asyncpg
@@ -350,3 +351,22 @@ async def test_workspace_refusing_the_identity_lookup_is_28000(
         exc = await refused(p)
     assert exc.sqlstate == "28000"
     assert "signed-in identity" in exc.message
+
+
+@pytest.mark.parametrize("method", ["databricks-cli", "env-oidc", "azure-client-secret"])
+async def test_no_token_or_secret_is_logged(
+    emulator: Emulator, proxy: ProxyFactory, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    env = emulator.signin_env(method)
+    async with asyncio.timeout(30):
+        p = await proxy(env)
+        assert await current_user(p) == identity_of(emulator, method)
+    ws = emulator.workspace
+    secrets = [*ws._oauth_tokens, *ws._credentials, emulator.identity.entra_client_secret]
+    if "DATABRICKS_OIDC_TOKEN" in env:
+        secrets.append(env["DATABRICKS_OIDC_TOKEN"])
+    assert len(secrets) >= 3
+    logged = caplog.text
+    assert "GET /api/2.0/preview/scim/v2/Me" in logged  # debug logging was on
+    assert not [s for s in secrets if s in logged]
