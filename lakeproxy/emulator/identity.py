@@ -92,6 +92,11 @@ class IdentityProviders:
         self.az_cli: CliState = "logged-in"
         #: omit ``expires_on`` from az's answer, as az before 2.54 does
         self.az_legacy_output = False
+        #: the fake Databricks CLI hands back its cached token until it has less
+        #: than this many seconds left, as the real one does (golang.org/x/oauth2
+        #: refreshes 10 s before expiry)
+        self.cli_refresh_window = 10.0
+        self._cli_token: tuple[str, float] | None = None
         #: profiles the fake Databricks CLI knows (``--profile``)
         self.cli_profiles: set[str] = {"emulator"}
         #: every CLI run: (tool, argv)
@@ -110,6 +115,8 @@ class IdentityProviders:
         """Back to signed-in CLIs and no recorded calls."""
         self.databricks_cli = self.az_cli = "logged-in"
         self.az_legacy_output = False
+        self.cli_refresh_window = 10.0
+        self._cli_token = None
         self.cli_calls.clear()
         self.issued.clear()
 
@@ -339,7 +346,13 @@ class IdentityProviders:
             return 1, "", ("Error: A new access token could not be retrieved because the "
                            "refresh token is invalid. If using the CLI, run the following "
                            f"command to reauthenticate:\n  $ databricks auth login {where}\n")
-        token, expiry = self._issue("databricks-cli", self.user)
+        cached = self._cli_token
+        if cached is not None and cached[1] - time.time() > self.cli_refresh_window and (
+                cached[0] in self.workspace._oauth_tokens):
+            token, expiry = cached
+        else:  # refresh with the stored refresh token
+            token, expiry = self._issue("databricks-cli", self.user)
+            self._cli_token = (token, expiry)
         # oauth2.Token as the CLI prints it: expiry in local time with its offset.
         local = datetime.fromtimestamp(expiry).astimezone().isoformat()
         out = json.dumps({"access_token": token, "token_type": "Bearer", "expiry": local},

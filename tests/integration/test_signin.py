@@ -370,3 +370,29 @@ async def test_no_token_or_secret_is_logged(
     logged = caplog.text
     assert "GET /api/2.0/preview/scim/v2/Me" in logged  # debug logging was on
     assert not [s for s in secrets if s in logged]
+
+
+async def test_databricks_cli_is_asked_again_until_it_refreshes_its_cached_token(
+    emulator: Emulator, proxy: ProxyFactory
+) -> None:
+    """The CLI hands back its cached token until shortly before expiry; lakeproxy
+    keeps asking ahead of expiry and moves to the new token once the CLI has one."""
+    ws, ident = emulator.workspace, emulator.identity
+    ws.oauth_lifetime = 4.0
+    ws.credential_lifetime = 4.0
+    ident.cli_refresh_window = 1.0
+    async with asyncio.timeout(60):
+        p = await proxy(emulator.signin_env("databricks-cli"))
+        conn = await p.asyncpg()
+        try:
+
+            async def rotated_twice() -> bool:
+                return ident.issued.get("databricks-cli", 0) >= 3
+
+            await eventually(rotated_twice, timeout=30)
+            runs = sum(1 for tool, _ in ident.cli_calls if tool == "databricks")
+            assert runs > ident.issued["databricks-cli"]  # some runs gave back the cached one
+            assert await current_user(p) == ident.user
+            assert await conn.fetchval("SELECT 1") == 1
+        finally:
+            await conn.close()
