@@ -339,6 +339,9 @@ class FrontDoor:
             raise _Reject(S.PROTOCOL_VIOLATION, MSG_INSECURE)
         startup = self._route(packet, sni)
         user = startup.params.get("user", "")
+        if not user:  # as PostgreSQL's ProcessStartupPacket
+            raise _Reject(S.INVALID_AUTHORIZATION_SPECIFICATION,
+                          "no PostgreSQL user name specified in startup packet")
         await self._authenticate(reader, writer, frames, user)
         await self._reach_compute()
         session = _Session(task=task, client=writer)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
+from contextlib import contextmanager
 
 from lakeproxy.auth.cache import CachedCredentials
 from lakeproxy.auth.databricks import DatabricksApi
 from lakeproxy.auth.provider import Credential
-from lakeproxy.config import Config, DatabricksConfig, EndpointConfig
-from lakeproxy.errors import UpstreamConnectError
+from lakeproxy.config import Config, DatabricksConfig, EndpointConfig, name_sources
+from lakeproxy.errors import LakeproxyError, UpstreamConnectError
 from lakeproxy.metrics import Metrics
 from lakeproxy.upstream.cancel import send_cancel
 from lakeproxy.upstream.dial import connect_with_retry
@@ -53,8 +54,11 @@ class EndpointDialer:
         credentials: CachedCredentials,
         *,
         metrics: Metrics | None = None,
+        sources: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.config = config
+        #: Where the workspace settings came from (``Config.sources``), for hints.
+        self.sources = sources
         self.credentials = credentials
         self.metrics = metrics
         self._groups: TlsGroups = "p256"
@@ -74,18 +78,33 @@ class EndpointDialer:
         where = self._host or "(host looked up)"
         return f"{self.config.label} at {where}:{self.config.port} as {self.config.user}"
 
+    @contextmanager
+    def hints_named(self) -> Iterator[None]:
+        """Errors raised inside get hints naming where each value came from (the
+        file and key, the profile or the variable), not always the variable."""
+        try:
+            yield
+        except LakeproxyError as exc:
+            exc.hint = name_sources(exc.hint, self.config.sources, self.sources)
+            raise
+
     async def target(self, *, deadline: float) -> UpstreamTarget:
-        """The endpoint's address, looking the host up once when PGHOST is unset."""
+        """The endpoint's address, looking the host up once when LAKEBASE_HOST is unset."""
         if self._host is None:
-            self._host = await self.credentials.endpoint_host(
-                self.config.name, deadline=deadline
-            )
+            with self.hints_named():
+                self._host = await self.credentials.endpoint_host(
+                    self.config.name, deadline=deadline
+                )
             log.info("endpoint %s: host is %s", self.config.label, self._host)
         c = self.config
         return UpstreamTarget(host=self._host, port=c.port, hostaddr=c.hostaddr,
                               sslmode=c.sslmode)
 
     async def connect(self, params: Mapping[str, str], *, deadline: float) -> UpstreamConnection:
+        with self.hints_named():
+            return await self._connect(params, deadline=deadline)
+
+    async def _connect(self, params: Mapping[str, str], *, deadline: float) -> UpstreamConnection:
         target = await self.target(deadline=deadline)
         cred = await self.credentials.get(deadline=deadline)
         used: list[Credential] = [cred]
@@ -145,4 +164,4 @@ def build_dialer(
     creds = CachedCredentials(
         make_api(config.databricks, endpoint), on_request=on_request, on_credential=on_credential
     )
-    return EndpointDialer(endpoint, creds, metrics=metrics)
+    return EndpointDialer(endpoint, creds, metrics=metrics, sources=config.sources)
