@@ -431,7 +431,15 @@ class _Loader:
                 self.envvar("DATABRICKS_TOKEN", secret=True), self.fileval(table, where, "token")
             ),
         }
+        before = len(self.problems)
         profile = self.profile_values(table, vals)
+        # A profile that could not be read explains any missing host or credentials:
+        # say only that (one line), not "required" for each value it would have held.
+        profile_failed = len(self.problems) > before
+
+        def missing(text: str) -> None:
+            if not profile_failed:
+                self.missing(text)
         for key, raw in profile.items():
             if vals[key] is None:
                 vals[key] = raw
@@ -446,7 +454,7 @@ class _Loader:
         token = self.parse_opt(vals["token"], as_secret)
 
         if vals["host"] is None:
-            self.missing(
+            missing(
                 "DATABRICKS_HOST: required (the workspace URL, https://...; set it in the "
                 "environment, in [databricks] host, or in a ~/.databrickscfg profile)"
             )
@@ -464,12 +472,12 @@ class _Loader:
                 "client id) as well"
             )
         elif id_raw is not None and secret_raw is None and token_raw is None:
-            self.missing(
+            missing(
                 f"{id_raw.origin}: needs DATABRICKS_CLIENT_SECRET as well (OAuth M2M), "
                 "or set DATABRICKS_TOKEN"
             )
         elif id_raw is None and secret_raw is None and token_raw is None:
-            self.missing(
+            missing(
                 "DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET, or DATABRICKS_TOKEN: one auth "
                 "method is required (in the environment, [databricks], or a ~/.databrickscfg "
                 "profile)"

@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import types
@@ -430,3 +431,44 @@ async def test_serve_emulator_prints_exports_until_sigterm() -> None:
         "export DATABRICKS_HOST=http://127.0.0.1:1234\n"
         "export PGSSLROOTCERT='/tmp/a b/ca.pem'\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("http://127.0.0.1:9090", ("127.0.0.1", 9090)),
+        ("http://127.0.0.1:9090/", ("127.0.0.1", 9090)),
+        ("http://localhost:9090/readyz", ("localhost", 9090)),
+        ("http://[::1]:9090", ("::1", 9090)),
+    ],
+)
+def test_wait_admin_accepts_a_url(text: str, expected: tuple[str, int]) -> None:
+    assert cli.parse_admin_url(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("https://127.0.0.1:9090", "the admin server speaks plain HTTP"),
+        ("http://127.0.0.1", "needs a host and a port"),
+        ("http://127.0.0.1:9090/metrics", "lakeproxy wait asks /readyz itself"),
+        ("http://127.0.0.1:99999", "must be http://HOST:PORT or HOST:PORT"),
+    ],
+)
+def test_wait_admin_bad_url(
+    text: str, reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["wait", "--admin", text, "--timeout", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lakeproxy: --admin={text} (command line): ")
+    assert reason in err
+    assert err.count("\n") == 1
+
+
+def test_wait_admin_url_polls_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """A URL is polled like HOST:PORT (here nothing listens: exit 1, not 2)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert cli.main(["wait", "--admin", f"http://127.0.0.1:{port}", "--timeout", "0.3"]) == 1
+    assert capsys.readouterr().err.startswith("lakeproxy: not ready after 0.3s")
