@@ -4,17 +4,24 @@
 environment is passed in, ``os.environ`` is never read here. It collects every
 problem it finds and raises one :class:`~lakeproxy.errors.ConfigError`; each
 problem names the key and where the value came from, e.g.
-``PGSSLMODE=disable (environment): must be one of require, verify-ca,
-verify-full``. A secret's value never appears in a message or a ``repr``.
+``LAKEBASE_SSLMODE=disable (environment): must be one of require, verify-ca,
+verify-full``; "required" problems come after the others (a typo in the file
+often explains them). A secret's value never appears in a message or a ``repr``.
+Warnings (a client-only ``PGSSLMODE`` that was ignored) go to ``Config.warnings``,
+and ``Config.sources`` / ``EndpointConfig.sources`` say where each value came
+from, so hints can name that place (:func:`~lakeproxy.config.model.name_sources`).
 
 Rules worth knowing:
 
 * an empty environment variable counts as unset (as libpq does);
 * relative paths in the TOML file are relative to the file's directory, and
   ``~`` expands with ``HOME`` from the given environment;
+* an endpoint key comes from its ``LAKEBASE_*`` variable, else the file, else
+  the ``PG*`` variable libpq reads (:data:`ENDPOINT_ENV`): a shell's ``PG*`` are
+  usually meant for the proxy's clients;
 * with several ``[[endpoints]]`` in the file, the per-endpoint environment
-  variables (``ENDPOINT_NAME``, ``LAKEBASE_INSTANCE``, ``PG*``) are ignored and
-  ``LAKEPROXY_LISTEN`` / ``--listen`` are refused: each endpoint says it all;
+  variables (``ENDPOINT_NAME``, ``LAKEBASE_INSTANCE``, ``LAKEBASE_*``, ``PG*``) are
+  ignored and ``LAKEPROXY_LISTEN`` / ``--listen`` are refused: each endpoint says it all;
   with one ``[[endpoints]]`` table, they override its fields.
 
 Adding a key: a field in :mod:`~lakeproxy.config.model`, its name in
@@ -416,7 +423,7 @@ class _Loader:
     def databricks(
         self, table: Mapping[str, object]
     ) -> tuple[DatabricksConfig | None, Raw | None]:
-        """The identity (None if unusable), and the client id's source (PGUSER's default)."""
+        """The identity (None if unusable), and the client id's source (the role's default)."""
         where = "[databricks]"
         vals: dict[str, Raw | None] = {
             "host": self.pick(self.envvar("DATABRICKS_HOST"), self.fileval(table, where, "host")),
