@@ -290,8 +290,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     # The output is the report (config warnings included); log lines only with --verbose.
     config = _load(args, log_warnings=False)
-    if not args.verbose:
-        logging.disable(logging.CRITICAL)
     run_check = cast(
         Callable[[Config, TextIO], Awaitable[int]], _attr("lakeproxy.check", "run_check")
     )
@@ -299,7 +297,13 @@ def _cmd_check(args: argparse.Namespace) -> int:
     async def go() -> int:
         return await run_check(config, sys.stdout)
 
-    return run_async(go())
+    if args.verbose:
+        return run_async(go())
+    logging.disable(logging.CRITICAL)
+    try:
+        return run_async(go())
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
