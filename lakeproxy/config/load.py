@@ -44,6 +44,7 @@ from lakeproxy.config.model import (
     DEFAULT_PGPORT,
     DEFAULT_SHUTDOWN_GRACE,
     DEFAULT_SSLMODE,
+    PROVISIONED_KINDS,
     ClientTls,
     Config,
     DatabricksConfig,
@@ -62,6 +63,7 @@ from lakeproxy.config.values import (
     as_databricks_host,
     as_duration,
     as_endpoint_name,
+    as_host_kind,
     as_ip_address,
     as_listeners,
     as_log_format,
@@ -90,6 +92,7 @@ FILE_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
     "endpoints": (
         "name", "instance", "host", "hostaddr", "port", "database", "user", "sslmode",
         "sslrootcert", "listen",
+        "host_kind",
     ),
 }
 
@@ -98,6 +101,7 @@ ENV_VARS: Final[tuple[str, ...]] = (
     "DATABRICKS_HOST", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET", "DATABRICKS_TOKEN",
     "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_CONFIG_FILE",
     "ENDPOINT_NAME", "LAKEBASE_INSTANCE",
+    "LAKEBASE_HOST_KIND",
     "LAKEBASE_HOST", "LAKEBASE_PORT", "LAKEBASE_HOSTADDR", "LAKEBASE_DATABASE", "LAKEBASE_USER",
     "LAKEBASE_SSLMODE", "LAKEBASE_SSLROOTCERT",
     "PGHOST", "PGPORT", "PGHOSTADDR", "PGDATABASE", "PGUSER", "PGSSLMODE", "PGSSLROOTCERT",
@@ -726,6 +730,12 @@ class _Loader:
                 )
 
         host = self.parse_opt(src("host"), as_pg_host)
+        kind_raw = self.pick(env("LAKEBASE_HOST_KIND"), self.fileval(table, where, "host_kind"))
+        host_kind = self.parse_opt(kind_raw, as_host_kind)
+        if kind_raw is not None and host_kind is not None and inst_raw is not None and (
+                host_kind not in PROVISIONED_KINDS):
+            self.bad(kind_raw, "a provisioned instance has no pooled hosts (Lakebase pools "
+                     "only autoscaling endpoints); use read_write or read_only")
         hostaddr = self.parse_opt(src("hostaddr"), as_ip_address)
         port = self.parse(src("port"), as_pg_port, DEFAULT_PGPORT)
         database = self.parse(src("database"), as_text, DEFAULT_DATABASE)
@@ -744,7 +754,8 @@ class _Loader:
         if user is None:
             return None
         return EndpointConfig(
-            name=name, instance=instance, host=host, hostaddr=hostaddr, port=port,
+            name=name, instance=instance, host=host, host_kind=host_kind, hostaddr=hostaddr,
+            port=port,
             database=database, user=user, sslmode=sslmode, sslrootcert=rootcert, listen=listen,
             sources=tuple(sources.items()),
         )
