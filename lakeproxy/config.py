@@ -26,6 +26,7 @@ Rules worth knowing:
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import difflib
 import ipaddress
 import math
@@ -43,6 +44,7 @@ SslMode = Literal["require", "verify-ca", "verify-full"]
 ClientTls = Literal["off", "allow", "require"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+PoolMode = Literal["off", "session"]
 
 DEFAULT_LISTEN: Final = "127.0.0.1:6432"
 DEFAULT_PGPORT: Final = 5432
@@ -54,6 +56,10 @@ DEFAULT_MAX_CLIENTS: Final = 1000
 DEFAULT_SHUTDOWN_GRACE: Final = 30.0
 DEFAULT_UNIX_PORT: Final = 6432
 DEFAULT_DATABRICKSCFG_PROFILE: Final = "DEFAULT"
+# Session reuse (SPEC "Session reuse").
+DEFAULT_POOL_IDLE_TIMEOUT: Final = 60.0
+DEFAULT_POOL_MAX_IDLE: Final = 10
+DEFAULT_POOL_LIFETIME: Final = 3600.0
 
 #: Keys the TOML file may hold, per table. A test checks that
 #: ``config.example.toml`` documents each of them.
@@ -62,11 +68,11 @@ FILE_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
     "proxy": (
         "listen", "admin_listen", "client_password", "tls_cert", "tls_key", "client_tls",
         "connect_deadline", "max_clients", "shutdown_grace", "log_format", "log_level",
-        "allow_remote_trust",
+        "allow_remote_trust", "pool_mode", "pool_idle_timeout", "pool_max_idle", "pool_lifetime",
     ),
     "endpoints": (
         "name", "instance", "host", "hostaddr", "port", "database", "user", "sslmode",
-        "sslrootcert", "listen",
+        "sslrootcert", "listen", "pool_mode",
     ),
 }
 
@@ -80,6 +86,8 @@ ENV_VARS: Final[tuple[str, ...]] = (
     "LAKEPROXY_TLS_CERT", "LAKEPROXY_TLS_KEY", "LAKEPROXY_CLIENT_TLS",
     "LAKEPROXY_CONNECT_DEADLINE", "LAKEPROXY_MAX_CLIENTS", "LAKEPROXY_SHUTDOWN_GRACE",
     "LAKEPROXY_LOG_FORMAT", "LAKEPROXY_LOG_LEVEL", "LAKEPROXY_ALLOW_REMOTE_TRUST",
+    "LAKEPROXY_POOL_MODE", "LAKEPROXY_POOL_IDLE_TIMEOUT", "LAKEPROXY_POOL_MAX_IDLE",
+    "LAKEPROXY_POOL_LIFETIME",
 )
 
 #: Keys of the ``argv`` mapping :func:`load_config` accepts (argparse ``dest`` names).
@@ -149,6 +157,8 @@ class EndpointConfig:
     sslmode: SslMode = DEFAULT_SSLMODE
     sslrootcert: str = DEFAULT_SSLROOTCERT
     listen: tuple[Listener, ...] = (Listener("tcp", "127.0.0.1", 6432),)
+    #: Session reuse for this endpoint's clients (SPEC "Session reuse").
+    pool_mode: PoolMode = "off"
 
     @property
     def label(self) -> str:
@@ -192,6 +202,10 @@ class Config:
     log_format: LogFormat = "text"
     log_level: LogLevel = "info"
     allow_remote_trust: bool = False
+    #: Bounds of parked sessions (session reuse): seconds, count per key, seconds.
+    pool_idle_timeout: float = DEFAULT_POOL_IDLE_TIMEOUT
+    pool_max_idle: int = DEFAULT_POOL_MAX_IDLE
+    pool_lifetime: float = DEFAULT_POOL_LIFETIME
     config_file: Path | None = None
     #: The command-line flags this config was loaded with (``argv`` items, plus
     #: ``config`` when a file was given explicitly), for :func:`reload_config`.
@@ -523,6 +537,9 @@ class _Loader:
             log_format=proxy.log_format,
             log_level=proxy.log_level,
             allow_remote_trust=proxy.allow_remote_trust,
+            pool_idle_timeout=proxy.pool_idle_timeout,
+            pool_max_idle=proxy.pool_max_idle,
+            pool_lifetime=proxy.pool_lifetime,
             config_file=self.file_path,
             flags=tuple(flags),
         )
@@ -802,6 +819,17 @@ class _Loader:
         allow_remote = self.parse(
             src("allow_remote_trust", "LAKEPROXY_ALLOW_REMOTE_TRUST", flag=True), _bool, False
         )
+        pool_idle = self.parse(
+            src("pool_idle_timeout", "LAKEPROXY_POOL_IDLE_TIMEOUT"),
+            _duration(positive=True), DEFAULT_POOL_IDLE_TIMEOUT,
+        )
+        pool_max_idle = self.parse(
+            src("pool_max_idle", "LAKEPROXY_POOL_MAX_IDLE"), _positive_int, DEFAULT_POOL_MAX_IDLE
+        )
+        pool_lifetime = self.parse(
+            src("pool_lifetime", "LAKEPROXY_POOL_LIFETIME"),
+            _duration(positive=True), DEFAULT_POOL_LIFETIME,
+        )
         return _Proxy(
             admin_listen=admin,
             client_password=password,
@@ -815,6 +843,9 @@ class _Loader:
             log_level=log_level,
             allow_remote_trust=allow_remote,
             admin_raw=admin_raw,
+            pool_idle_timeout=pool_idle,
+            pool_max_idle=pool_max_idle,
+            pool_lifetime=pool_lifetime,
         )
 
     # -- [[endpoints]] ---------------------------------------------------
@@ -837,6 +868,9 @@ class _Loader:
 
         out: list[EndpointConfig] = []
         seen: dict[tuple[str, str, int, str | None], int] = {}
+        # pool_mode: the environment, else the endpoint's table, else [proxy].
+        pool_env = self.envvar("LAKEPROXY_POOL_MODE")
+        pool_proxy = self.fileval(proxy_table, "[proxy]", "pool_mode")
         for index, table in enumerate(tables or [{}], 1):
             where = self.endpoint_where(index, len(tables))
             use_env = len(tables) <= 1
@@ -869,8 +903,10 @@ class _Loader:
                     and (lst.host, lst.port) == admin
                 ):
                     self.bad(proxy.admin_raw, f"{lst.describe()} is also a client listener")
+            pool_raw = self.pick(pool_env, self.fileval(table, where, "pool_mode"), pool_proxy)
+            pool_mode: PoolMode = self.parse(pool_raw, _pool_mode, "off")
             if ep is not None:
-                out.append(ep)
+                out.append(dataclasses.replace(ep, pool_mode=pool_mode))
         return tuple(out)
 
     def endpoint(
@@ -947,6 +983,9 @@ class _Proxy:
     log_level: LogLevel
     allow_remote_trust: bool
     admin_raw: _Raw | None
+    pool_idle_timeout: float = DEFAULT_POOL_IDLE_TIMEOUT
+    pool_max_idle: int = DEFAULT_POOL_MAX_IDLE
+    pool_lifetime: float = DEFAULT_POOL_LIFETIME
 
     @property
     def trusted(self) -> bool:
@@ -1064,6 +1103,10 @@ def _sslmode(raw: _Raw) -> SslMode:
 
 def _client_tls(raw: _Raw) -> ClientTls:
     return cast(ClientTls, _choice(get_args(ClientTls))(raw))
+
+
+def _pool_mode(raw: _Raw) -> PoolMode:
+    return cast(PoolMode, _choice(get_args(PoolMode))(raw))
 
 
 def _log_format(raw: _Raw) -> LogFormat:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol, cast
 
+from lakeproxy.boundaries import TrackedSplice
 from lakeproxy.cancel import CancelRegistry, CancelTarget
 from lakeproxy.errors import (
     ClientProtocolError,
@@ -28,6 +29,7 @@ from lakeproxy.errors import (
     TooManyConnections,
     UpstreamRejected,
 )
+from lakeproxy.pool import Lease, Pool, pool_key, poolable
 from lakeproxy.splice import Splice, SpliceResult
 from lakeproxy.wire import sqlstate
 from lakeproxy.wire.client_handshake import (
@@ -137,6 +139,8 @@ class SessionHooks:
     tls_required: bool = False
     authenticator: Callable[[], ClientAuthenticator] | None = None
     on_upstream_connected: Callable[[float], None] = lambda seconds: None
+    #: Session reuse for this endpoint (None: pool_mode off, a pure splice).
+    pool: Pool | None = None
 
 
 @dataclass(slots=True)
@@ -152,6 +156,11 @@ class SessionRecord:
     bytes_down: int = 0
     started: float = field(default_factory=time.monotonic)
     error: str = ""
+    #: Session reuse: whether the endpoint session came from the pool, and how it
+    #: ended ("parked" or "closed", and why); empty with pool_mode off.
+    reused: bool | None = None
+    endpoint_session: str = ""
+    endpoint_session_reason: str = ""
 
 
 class _ClientGone(Exception):
@@ -282,12 +291,15 @@ class Session:
         self.task: asyncio.Task[None] | None = None
         self.connecting = False
         self.splice: Splice | None = None
+        self.resetting = False
 
     # -- public, for the server -------------------------------------------
 
     def close(self, *, abort: bool = False) -> None:
         """End this session from the proxy's side (shutdown)."""
-        if self.splice is not None:
+        if self.resetting and self.task is not None:
+            self.task.cancel()  # the client is gone; its endpoint session is being reset
+        elif self.splice is not None:
             if abort:
                 self.splice.abort()
             else:
@@ -388,6 +400,18 @@ class Session:
         params["database"] = database
         if conn.hung_up():  # before we paused reading: mint and dial for no one
             raise _ClientGone
+        key: tuple[object, ...] | None = None
+        pool = hooks.pool
+        if pool is not None and poolable(params):
+            key = pool_key(hooks.dialer, params, (startup.major, startup.minor))
+            lease = await pool.take(key)
+            self.record.reused = lease is not None
+            if lease is not None:
+                if conn.hung_up():
+                    pool.restore(lease)
+                    raise _ClientGone
+                await self._relay_startup(lease, lease)
+                return
         self.connecting = True
         started = loop.time()
         try:
@@ -398,7 +422,12 @@ class Session:
         if conn.hung_up():
             upstream.transport.abort()
             raise _ClientGone
-        await self._relay_startup(upstream)
+        new_lease = None
+        if key is not None:
+            new_lease = Lease.from_login(
+                upstream.transport, key, upstream.startup_messages, upstream.trailing
+            )
+        await self._relay_startup(upstream, new_lease)
 
     async def _dial(self, params: dict[str, str], *, deadline: float) -> Upstream:
         """Dial the endpoint; give up as soon as the client hangs up.
@@ -478,7 +507,8 @@ class Session:
             if out:
                 self.transport.write(out)
 
-    async def _relay_startup(self, upstream: Upstream) -> None:
+    async def _relay_startup(self, upstream: Upstream, lease: Lease | None = None) -> None:
+        """Show the client its login, then splice (tracked when ``lease`` may be parked)."""
         hooks = self.hooks
         out = [encode(AuthenticationOk())]
         key: tuple[int, bytes] | None = None
@@ -497,7 +527,10 @@ class Session:
             if self.transport.is_closing():
                 raise _ClientGone
             self.transport.write(b"".join(out))
-            splice = Splice(self.transport, upstream.transport)
+            splice = (
+                Splice(self.transport, upstream.transport) if lease is None
+                else TrackedSplice(self.transport, upstream.transport)
+            )
             self.splice = splice
         except BaseException:
             upstream.transport.abort()
@@ -514,6 +547,35 @@ class Session:
             if key is not None:
                 hooks.cancels.unregister(*key)
         self._record_splice(result)
+        if lease is not None and isinstance(splice, TrackedSplice):
+            await self._park(splice, lease)
+
+    async def _park(self, splice: TrackedSplice, lease: Lease) -> None:
+        """After a pooled session: reset and park the endpoint session, or count it closed."""
+        pool = self.hooks.pool
+        r = self.record
+        r.endpoint_session = "closed"
+        if pool is None:  # pragma: no cover - a lease implies a pool
+            return
+        if not splice.parkable:
+            r.endpoint_session_reason = "unclean"
+            pool.count_unclean()
+            return
+        if splice.upstream_lost():
+            lease.transport.abort()
+            r.endpoint_session_reason = "dead"
+            pool.count_discard("dead")
+            return
+        self.resetting = True
+        try:
+            parked, reason = await pool.reset_and_park(lease, splice.status)
+        except asyncio.CancelledError:
+            r.endpoint_session_reason = "shutdown"  # the drain's deadline; the client was done
+            return
+        finally:
+            self.resetting = False
+        r.endpoint_session = "parked" if parked else "closed"
+        r.endpoint_session_reason = reason
 
     def _record_splice(self, result: SpliceResult) -> None:
         r = self.record
