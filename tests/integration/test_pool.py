@@ -41,7 +41,7 @@ from .proxy_rig import (
 )
 
 MakeEmulator = Callable[..., Awaitable[Emulator]]
-SESSION = {"LAKEPROXY_POOL_MODE": "session"}
+
 TERMINATE = b"X\x00\x00\x00\x04"
 
 
@@ -141,7 +141,7 @@ async def test_reused_session_is_the_same_backend_and_keeps_nothing(
                             f'GRANT {other_role} TO "{emulator.role}"')
     app = _name()
     async with asyncio.timeout(60):
-        p = await proxy(emulator, **SESSION)
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
         first = await login(p, app)
         fresh = await login(p, app)  # a second login at the same time: a fresh dial
         assert fresh.pid != first.pid
@@ -203,7 +203,7 @@ async def test_real_clients_reuse_one_backend(emulator: Emulator, proxy: ProxyFa
     """psql, psycopg and asyncpg, one after another with the same parameters, share
     one backend; each sees a clean session."""
     async with asyncio.timeout(60):
-        p = await proxy(emulator, **SESSION)
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
         pids: set[str] = set()
         for n in range(2):
             out = await p.psql("SELECT pg_backend_pid(); SET search_path = nowhere")
@@ -223,6 +223,7 @@ async def test_real_clients_reuse_one_backend(emulator: Emulator, proxy: ProxyFa
                     await conn.execute("SELECT %s::int", (1,), prepare=True)
             await parked(p, 2)
         assert seen[0] == seen[1]
+        assert seen[0] is not None
         assert seen[0][1] == '"$user", public'
 
         app = _name()
@@ -256,7 +257,7 @@ async def _next_pid(p: Proxy, app: str) -> int:
 async def test_vanishing_mid_query_is_not_reused(emulator: Emulator, proxy: ProxyFactory) -> None:
     app = _name()
     async with asyncio.timeout(30):
-        p = await proxy(emulator, **SESSION)
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
         gone = await login(p, app)
         gone.client.send(query_bytes("SELECT pg_sleep(0.3)"))
         gone.client.abort()
@@ -270,7 +271,7 @@ async def test_terminate_mid_copy_is_not_reused(
 ) -> None:
     app = _name()
     async with asyncio.timeout(30):
-        p = await proxy(emulator, **SESSION)
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
         c = await login(p, app)
         await c.query("CREATE TEMP TABLE t(x int)")
         sql = ("COPY t FROM STDIN" if how == "copy_in"
@@ -288,7 +289,7 @@ async def test_terminate_mid_copy_is_not_reused(
 async def test_eof_mid_transaction_is_not_reused(emulator: Emulator, proxy: ProxyFactory) -> None:
     app = _name()
     async with asyncio.timeout(30):
-        p = await proxy(emulator, **SESSION)
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
         c = await login(p, app)
         msgs = await c.query("BEGIN")
         assert msgs[-1] == ReadyForQuery("T")
@@ -301,7 +302,7 @@ async def test_extended_messages_without_sync_are_not_clean(
 ) -> None:
     app = _name()
     async with asyncio.timeout(30):
-        p = await proxy(emulator, **SESSION)
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
         c = await login(p, app)
         body = b"\x00SELECT 1\x00\x00\x00"
         c.client.send(b"P" + (len(body) + 4).to_bytes(4, "big") + body)  # Parse, no Sync
@@ -314,7 +315,7 @@ async def test_after_a_fatal_the_next_client_gets_a_fresh_session(
 ) -> None:
     app = _name()
     async with asyncio.timeout(30):
-        p = await proxy(emulator, **SESSION)
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
         c = await login(p, app)
         killer = await login(p, _name())
         await killer.query(f"SELECT pg_terminate_backend({c.pid})")
@@ -333,7 +334,7 @@ async def test_different_startup_parameters_get_another_session(
 ) -> None:
     app = _name()
     async with asyncio.timeout(30):
-        p = await proxy(emulator, **SESSION)
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
         a = await login(p, app)
         await a.terminate()
         await parked(p, 1)
@@ -366,7 +367,7 @@ async def test_old_key_cancels_nothing_new_key_cancels(
     caplog.set_level(logging.INFO, logger="lakeproxy.session")
     app = _name()
     async with asyncio.timeout(30):
-        p = await proxy(emulator, **SESSION)
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
         old = await login(p, app)
         await old.terminate()
         await parked(p, 1)
@@ -392,11 +393,10 @@ async def test_old_key_cancels_nothing_new_key_cancels(
         right = await RawClient.open(p.port)
         right.send(encode(CancelRequest(new.pid, new.key.secret)))
         assert await right.read_until_closed() == []
+        await right.close()
         msgs = await new.until_ready()
         assert [m.sqlstate for m in msgs if isinstance(m, ErrorResponse)] == ["57014"]
-        # Closed without Terminate: parking it here left an emulator-side stream
-        # unclosed at teardown (a ResourceWarning), which is not what this test is about.
-        await new.client.close()
+        await new.terminate()
 
 
 # ------------------------------------------------------------------------ scale to zero, bounds
@@ -408,7 +408,7 @@ async def test_compute_suspended_while_parked_next_client_dials_fresh(
     emu = await make_emulator()
     app = _name()
     async with asyncio.timeout(60):
-        p = await proxy(emu, **SESSION)
+        p = await proxy(emu, LAKEPROXY_POOL_MODE="session")
         a = await login(p, app)
         await a.terminate()
         await parked(p, 1)
@@ -428,7 +428,7 @@ async def test_parked_session_is_checked_after_a_while(
     monkeypatch.setattr(pool_module, "PROBE_AFTER", 0.0)
     app = _name()
     async with asyncio.timeout(30):
-        p = await proxy(emulator, **SESSION)
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
         a = await login(p, app)
         await a.terminate()
         await parked(p, 1)
@@ -441,7 +441,7 @@ async def test_idle_timeout_closes_parked_sessions_and_the_compute_suspends(
     emu = await make_emulator(idle_suspend=0.5)
     app = _name()
     async with asyncio.timeout(60):
-        p = await proxy(emu, LAKEPROXY_POOL_IDLE_TIMEOUT="1", **SESSION)
+        p = await proxy(emu, LAKEPROXY_POOL_IDLE_TIMEOUT="1", LAKEPROXY_POOL_MODE="session")
         a = await login(p, app)
         await a.terminate()
         await parked(p, 1)
@@ -456,7 +456,7 @@ async def test_idle_timeout_closes_parked_sessions_and_the_compute_suspends(
 async def test_max_idle_per_key(emulator: Emulator, proxy: ProxyFactory) -> None:
     app = _name()
     async with asyncio.timeout(30):
-        p = await proxy(emulator, LAKEPROXY_POOL_MAX_IDLE="2", **SESSION)
+        p = await proxy(emulator, LAKEPROXY_POOL_MAX_IDLE="2", LAKEPROXY_POOL_MODE="session")
         clients = [await login(p, app) for _ in range(3)]
         for c in clients:
             await c.terminate()
@@ -472,7 +472,7 @@ async def _true_after(p: Proxy) -> bool:
 async def test_lifetime_closes_instead_of_parking(emulator: Emulator, proxy: ProxyFactory) -> None:
     app = _name()
     async with asyncio.timeout(30):
-        p = await proxy(emulator, LAKEPROXY_POOL_LIFETIME="0.2", **SESSION)
+        p = await proxy(emulator, LAKEPROXY_POOL_LIFETIME="0.2", LAKEPROXY_POOL_MODE="session")
         a = await login(p, app)
         await asyncio.sleep(0.3)  # older than the lifetime when it ends
         await a.terminate()
@@ -488,7 +488,7 @@ async def test_drain_closes_parked_sessions_at_once(
 ) -> None:
     app = _name()
     async with asyncio.timeout(30):
-        p = await proxy(emulator, **SESSION)
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
         a = await login(p, app)
         await a.terminate()
         await parked(p, 1)
@@ -509,7 +509,7 @@ async def test_session_end_log_says_parked_or_closed(
     caplog.set_level(logging.INFO, logger="lakeproxy.server")
     app = _name()
     async with asyncio.timeout(30):
-        p = await proxy(emulator, **SESSION)
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
         a = await login(p, app)
         await a.terminate()
         await parked(p, 1)
@@ -539,7 +539,7 @@ async def test_psycopg_transaction_left_open_is_rolled_back(
         f'GRANT ALL ON pool_tx TO "{emulator.role}"', database=DATABASE)
     app = _name()
     async with asyncio.timeout(30):
-        p = await proxy(emulator, **SESSION)
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
         conn = await psycopg.AsyncConnection.connect(p.conninfo(application_name=app))
         await conn.execute("INSERT INTO pool_tx VALUES (1)")  # opens a transaction
         pid = conn.info.backend_pid
