@@ -249,6 +249,9 @@ class Pool:
         #: Parked sessions per key, longest-parked first.
         self._parked: dict[tuple[object, ...], list[Lease]] = {}
         self._count = 0
+        #: Resets in flight per key, and the clients waiting for one to finish.
+        self._resetting: dict[tuple[object, ...], int] = {}
+        self._waiters: dict[tuple[object, ...], list[asyncio.Future[None]]] = {}
 
     def __len__(self) -> int:
         return self._count
@@ -269,12 +272,19 @@ class Pool:
         """A live parked session for ``key`` (most recently parked first), or None.
 
         One parked longer than PROBE_AFTER answers a Sync first; one that does
-        not is closed (``dead``) and the next is tried.
+        not is closed (``dead``) and the next is tried. With none parked but a
+        reset of the same key in flight (its client left a moment ago), waits
+        for that reset once: it takes one round trip, a fresh login four or five.
         """
         loop = asyncio.get_running_loop()
+        waited = False
         while True:
             leases = self._parked.get(key)
             if not leases:
+                if not waited and self._resetting.get(key):
+                    waited = True
+                    await self._wait_for_reset(key)
+                    continue
                 self._request("miss")
                 return None
             lease = leases.pop()
@@ -293,6 +303,31 @@ class Pool:
             lease.uses += 1
             self._request("hit")
             return lease
+
+    async def _wait_for_reset(self, key: tuple[object, ...]) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(key, [])
+        waiters.append(fut)
+        try:
+            async with asyncio.timeout(RESET_TIMEOUT + 1):
+                await fut
+        except TimeoutError:
+            pass
+        finally:
+            if fut in waiters:
+                waiters.remove(fut)
+            if not waiters:
+                self._waiters.pop(key, None)
+
+    def _reset_done(self, key: tuple[object, ...]) -> None:
+        n = self._resetting.get(key, 0) - 1
+        if n > 0:
+            self._resetting[key] = n
+        else:
+            self._resetting.pop(key, None)
+        for fut in self._waiters.pop(key, ()):
+            if not fut.done():
+                fut.set_result(None)
 
     def _unpark(self, lease: Lease, key: tuple[object, ...], leases: list[Lease]) -> None:
         if not leases:
@@ -321,18 +356,23 @@ class Pool:
         if status != ord("I"):
             out = _ROLLBACK + out
             answers = 2
+        key = lease.key
+        self._resetting[key] = self._resetting.get(key, 0) + 1
         try:
-            problem = await _exchange(lease, out, answers, RESET_TIMEOUT)
-        except asyncio.CancelledError:
-            self._close(lease, "shutdown")
-            raise
-        if problem is not None:
-            log.info("endpoint session (pid %d) not parked: reset failed: %s",
-                     lease.process_id, problem)
-            return self._close(lease, "reset_failed")
-        if self.draining():  # SIGTERM came during the reset
-            return self._close(lease, "shutdown")
-        return self._park(lease)
+            try:
+                problem = await _exchange(lease, out, answers, RESET_TIMEOUT)
+            except asyncio.CancelledError:
+                self._close(lease, "shutdown")
+                raise
+            if problem is not None:
+                log.info("endpoint session (pid %d) not parked: reset failed: %s",
+                         lease.process_id, problem)
+                return self._close(lease, "reset_failed")
+            if self.draining():  # SIGTERM came during the reset
+                return self._close(lease, "shutdown")
+            return self._park(lease)
+        finally:
+            self._reset_done(key)
 
     def restore(self, lease: Lease) -> None:
         """Put back a session taken for a client that left before using it (no reset needed)."""

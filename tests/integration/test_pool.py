@@ -549,3 +549,24 @@ async def test_psycopg_transaction_left_open_is_rolled_back(
             assert again.info.backend_pid == pid
             cur = await again.execute("SELECT count(*) FROM pool_tx")
             assert await cur.fetchone() == (0,)
+
+
+async def test_reload_drops_parked_sessions_only_when_the_endpoint_changes(
+    emulator: Emulator, proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = _name()
+    async with asyncio.timeout(30):
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
+        for k, v in p.env.items():
+            monkeypatch.setenv(k, v)
+        a = await login(p, app)
+        await a.terminate()
+        await parked(p, 1)
+        monkeypatch.setenv("LAKEPROXY_POOL_MAX_IDLE", "5")  # same endpoint and identity
+        p.runtime.reload()
+        assert len(p.server.pool) == 1
+        assert p.server.pool.max_idle == 5
+        monkeypatch.setenv("PGPORT", str(emulator.port + 1))  # another endpoint
+        p.runtime.reload()
+        assert len(p.server.pool) == 0
+    assert metric(p, "lakeproxy_pool_discards_total", reason="reload") == 1
