@@ -101,15 +101,18 @@ class Lease:
     secret: bytes = field(repr=False)
     #: The ParameterStatus values as the endpoint last reported them, in first-seen order.
     parameters: dict[str, str]
+    #: Bytes after ReadyForQuery to relay first: none for a parked session.
     trailing: bytes = b""
     created: float = field(default_factory=time.monotonic)
     parked_at: float = 0.0
     uses: int = 0
     _timer: asyncio.TimerHandle | None = None
+    #: The encoded ParameterStatus frames, kept while ``parameters`` is unchanged.
+    _status_frames: list[bytes] | None = None
 
     @classmethod
     def from_login(cls, transport: asyncio.Transport, key: tuple[object, ...],
-                   frames: Sequence[bytes], trailing: bytes) -> Lease | None:
+                   frames: Sequence[bytes]) -> Lease | None:
         """From a fresh login's frames (after AuthenticationOk); None without a BackendKeyData."""
         params: dict[str, str] = {}
         pid: int | None = None
@@ -124,16 +127,25 @@ class Lease:
                     pid, secret = msg.process_id, msg.secret
         if pid is None:
             return None
-        return cls(transport, key, pid, secret, params, trailing)
+        return cls(transport, key, pid, secret, params)
 
     @property
     def startup_messages(self) -> list[bytes]:
         """What a fresh login shows after AuthenticationOk: the current
         ParameterStatus set, the backend's key, ReadyForQuery ``I``."""
-        out = [encode(ParameterStatus(k, v)) for k, v in self.parameters.items()]
-        out.append(encode(BackendKeyData(self.process_id, self.secret)))
-        out.append(_READY_IDLE)
-        return out
+        frames = self._status_frames
+        if frames is None:
+            frames = [encode(ParameterStatus(k, v)) for k, v in self.parameters.items()]
+            frames.append(encode(BackendKeyData(self.process_id, self.secret)))
+            frames.append(_READY_IDLE)
+            self._status_frames = frames
+        return frames
+
+    def report(self, name: str, value: str) -> None:
+        """The endpoint reported a ParameterStatus (e.g. during the reset)."""
+        if self.parameters.get(name) != value:
+            self.parameters[name] = value
+            self._status_frames = None
 
 
 class _Reader(asyncio.Protocol):
@@ -218,7 +230,7 @@ async def _exchange(lease: Lease, out: bytes, answers: int, seconds: float) -> s
                 elif tag == b"S":
                     msg = decode_backend(frame)
                     if isinstance(msg, ParameterStatus):
-                        lease.parameters[msg.name] = msg.value
+                        lease.report(msg.name, msg.value)
                 elif tag == b"E":
                     return "ErrorResponse"
                 elif tag not in (b"C", b"N", b"A"):  # CommandComplete, notices, notifications
@@ -249,6 +261,9 @@ class Pool:
         #: Parked sessions per key, longest-parked first.
         self._parked: dict[tuple[object, ...], list[Lease]] = {}
         self._count = 0
+        #: Keys still wanted after the last :meth:`drop` (a reload): a session of
+        #: a replaced endpoint that finishes its reset later is closed, not parked.
+        self._keep: Callable[[tuple[object, ...]], bool] | None = None
         #: Resets in flight per key, and the clients waiting for one to finish.
         self._resetting: dict[tuple[object, ...], int] = {}
         self._waiters: dict[tuple[object, ...], list[asyncio.Future[None]]] = {}
@@ -290,7 +305,11 @@ class Pool:
             lease = leases.pop()
             self._unpark(lease, key, leases)
             if loop.time() - lease.parked_at > PROBE_AFTER:
-                problem = await _exchange(lease, _SYNC, 1, PROBE_TIMEOUT)
+                try:
+                    problem = await _exchange(lease, _SYNC, 1, PROBE_TIMEOUT)
+                except asyncio.CancelledError:  # the client's session was ended meanwhile
+                    self._close(lease, "shutdown")
+                    raise
                 if problem is not None:
                     log.info("parked endpoint session (pid %d) failed its check: %s",
                              lease.process_id, problem)
@@ -382,6 +401,8 @@ class Pool:
         self._park(lease)
 
     def _park(self, lease: Lease) -> tuple[bool, str]:
+        if self._keep is not None and not self._keep(lease.key):
+            return self._close(lease, "reload")
         loop = asyncio.get_running_loop()
         now = loop.time()
         while len(self._parked.get(lease.key, ())) >= self.max_idle:
@@ -434,7 +455,9 @@ class Pool:
     # -- dropping -----------------------------------------------------------------
 
     def drop(self, keep: Callable[[tuple[object, ...]], bool], reason: DiscardReason) -> int:
-        """Close every parked session whose key ``keep`` refuses; returns how many."""
+        """Close every parked session whose key ``keep`` refuses, and park none
+        such from now on; returns how many were closed."""
+        self._keep = keep
         n = 0
         for key in list(self._parked):
             if not keep(key):

@@ -424,9 +424,8 @@ class Session:
             raise _ClientGone
         new_lease = None
         if key is not None:
-            new_lease = Lease.from_login(
-                upstream.transport, key, upstream.startup_messages, upstream.trailing
-            )
+            # Its trailing bytes go to this client (below), never to a later one.
+            new_lease = Lease.from_login(upstream.transport, key, upstream.startup_messages)
         await self._relay_startup(upstream, new_lease)
 
     async def _dial(self, params: dict[str, str], *, deadline: float) -> Upstream:
