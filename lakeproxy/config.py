@@ -868,9 +868,14 @@ class _Loader:
 
         out: list[EndpointConfig] = []
         seen: dict[tuple[str, str, int, str | None], int] = {}
-        # pool_mode: the environment, else the endpoint's table, else [proxy].
-        pool_env = self.envvar("LAKEPROXY_POOL_MODE")
-        pool_proxy = self.fileval(proxy_table, "[proxy]", "pool_mode")
+        # pool_mode: the environment, else the endpoint's table, else [proxy] (each
+        # parsed once, so a bad value is one problem however many endpoints).
+        pool_default: PoolMode = self.parse(
+            self.pick(self.envvar("LAKEPROXY_POOL_MODE"),
+                      self.fileval(proxy_table, "[proxy]", "pool_mode")),
+            _pool_mode, "off",
+        )
+        pool_env = self.envvar("LAKEPROXY_POOL_MODE") is not None
         for index, table in enumerate(tables or [{}], 1):
             where = self.endpoint_where(index, len(tables))
             use_env = len(tables) <= 1
@@ -903,8 +908,11 @@ class _Loader:
                     and (lst.host, lst.port) == admin
                 ):
                     self.bad(proxy.admin_raw, f"{lst.describe()} is also a client listener")
-            pool_raw = self.pick(pool_env, self.fileval(table, where, "pool_mode"), pool_proxy)
-            pool_mode: PoolMode = self.parse(pool_raw, _pool_mode, "off")
+            pool_mode = pool_default
+            if not pool_env:
+                pool_mode = self.parse(
+                    self.fileval(table, where, "pool_mode"), _pool_mode, pool_default
+                )
             if ep is not None:
                 out.append(dataclasses.replace(ep, pool_mode=pool_mode))
         return tuple(out)
