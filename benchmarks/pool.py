@@ -36,6 +36,7 @@ import datetime as dt
 import json
 import os
 import re
+import socket
 import statistics
 import sys
 import threading
@@ -115,18 +116,29 @@ class CountingRelay:
     def stop(self) -> None:
         loop, server = self._loop, self._server
         if loop is not None and server is not None:
-            loop.call_soon_threadsafe(server.close)
-            for task in asyncio.all_tasks(loop):
-                loop.call_soon_threadsafe(task.cancel)
+
+            async def shut() -> None:
+                server.close()
+                tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+            asyncio.run_coroutine_threadsafe(shut(), loop).result(10)
         if self._thread is not None:
             self._thread.join(10)
 
     def reset(self) -> None:
         self.conns.clear()
 
+    def round_trips(self) -> int:
+        """Turns counted so far on every connection, plus one TCP handshake each."""
+        return sum(c.turns for c in self.conns) + len(self.conns)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn()
         self.conns.append(conn)
+        _nodelay(writer)
         if self.one_way:
             await asyncio.sleep(2 * self.one_way)  # the TCP handshake's round trip
         try:
@@ -134,6 +146,7 @@ class CountingRelay:
         except OSError:
             writer.close()
             return
+        _nodelay(up_writer)
         await asyncio.gather(
             self._pump(reader, up_writer, conn, "to"),
             self._pump(up_reader, writer, conn, "from"),
@@ -161,13 +174,25 @@ class CountingRelay:
                 writer.write_eof()
 
 
+def _nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _write(writer: asyncio.StreamWriter, data: bytes) -> None:
     if not writer.is_closing():
         writer.write(data)
 
 
-async def _login_once(host: str, port: int, role: str) -> float:
-    """Log in (plaintext to the proxy), wait for ReadyForQuery, Terminate; seconds to RFQ."""
+async def _login_once(host: str, port: int, role: str, relay: CountingRelay
+                      ) -> tuple[float, int]:
+    """Log in (plaintext to the proxy), wait for ReadyForQuery, then Terminate.
+
+    Returns the seconds to ReadyForQuery and the endpoint round trips counted
+    up to then (a new TCP connection counts one).
+    """
+    before = relay.round_trips()
     t0 = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port)
     writer.write(encode(StartupMessage(3, 0, {"user": role, "database": DATABASE,
@@ -184,11 +209,12 @@ async def _login_once(host: str, port: int, role: str) -> float:
         if isinstance(decode_backend(frame), ReadyForQuery):
             break
     elapsed = time.perf_counter() - t0
+    during = relay.round_trips() - before
     writer.write(TERMINATE)
     await reader.read()
     writer.close()
     await writer.wait_closed()
-    return elapsed
+    return elapsed, during
 
 
 # ---------------------------------------------------------------------------- bench
@@ -251,24 +277,30 @@ class PoolBench:
                 assert t.port is not None
                 relay.reset()
                 times: list[float] = []
-                turns: list[int] = []
+                waited: list[int] = []
+                after_rt: list[int] = []
                 for i in range(self.args.logins + 1):
-                    before = sum(c.turns for c in relay.conns) + len(relay.conns)
-                    seconds = asyncio.run(_login_once(t.host, t.port, self.stack.role))
+                    before = relay.round_trips()
+                    seconds, during = asyncio.run(
+                        _login_once(t.host, t.port, self.stack.role, relay))
                     # let the reset (session mode) finish before counting and the next login
                     time.sleep(max(0.2, 6 * self.args.rtt / 1000))
-                    after = sum(c.turns for c in relay.conns) + len(relay.conns)
                     if i:  # the first login warms the credential and the pool
                         times.append(seconds)
-                        turns.append(after - before)
+                        waited.append(during)
+                        # after ReadyForQuery: the reset, and a TLS close_notify
+                        # answering the Terminate of a fresh session
+                        after_rt.append(relay.round_trips() - before - during)
                 out[name] = {
                     "login_ms": statistics.median(times) * 1000,
-                    "endpoint_round_trips": statistics.median(turns),
+                    "endpoint_round_trips": statistics.median(waited),
+                    "round_trips_after": statistics.median(after_rt),
                     "new_endpoint_connections": float(len(relay.conns)),
                 }
                 log(f"  {name:17} login {out[name]['login_ms']:.1f} ms at {self.args.rtt} ms "
-                    f"RTT, {out[name]['endpoint_round_trips']} endpoint round trips per login "
-                    f"(reset included), {len(relay.conns)} endpoint connections")
+                    f"RTT, {out[name]['endpoint_round_trips']} endpoint round trips per login, "
+                    f"{out[name]['round_trips_after']} after it, "
+                    f"{len(relay.conns)} endpoint connections")
         finally:
             self.stack.upstream_port = None
             relay.stop()
@@ -310,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name")
     args = p.parse_args(argv)
     if args.quick:
-        args.rounds, args.duration, args.logins = 1, 3, 4
+        args.rounds, args.duration, args.logins = 1, min(args.duration, 3), 4
     stamp = dt.datetime.now(dt.UTC)
     started = time.perf_counter()
     load0 = os.getloadavg()[0]
@@ -343,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     # The reset after a client leaves costs one round trip but runs after the
     # client has gone: a reused login itself waits for none (for one when the
     # session was parked over 5 s and is checked first).
-    saved = fresh_rt
+    saved = fresh_rt - reused_rt
     rows = [
         ("pgbench -S -C: connections/s", "connect_per_s", 0),
         ("pgbench -S -C: proxy CPU ms / connection", "connect_cpu_ms", 3),
@@ -389,15 +421,19 @@ def main(argv: list[str] | None = None) -> int:
         "## Round trips to the endpoint per login",
         "",
         f"Counted by a relay between lakeproxy and PostgreSQL ({args.logins} logins each, "
-        "median; a new TCP connection counts one for its handshake); login time measured by the"
+        "median; a new TCP connection counts one for its handshake: TCP, SSLRequest, TLS 1.3,"
+        " startup, password); login time measured by the"
         f" client with the relay adding {args.rtt:g} ms of round trip.",
         "",
-        "| | endpoint round trips | new endpoint connections | login time |",
-        "| --- | --- | --- | --- |",
+        "| | endpoint round trips the login waits for | after the client left |"
+        " endpoint connections opened | login time |",
+        "| --- | --- | --- | --- | --- |",
         f"| pool off (fresh login) | {fresh_rt:g} | "
+        f"{rtt['lakeproxy']['round_trips_after']:g} (TLS close_notify after Terminate) | "
         f"{rtt['lakeproxy']['new_endpoint_connections']:g} | "
         f"{rtt['lakeproxy']['login_ms']:.1f} ms |",
-        f"| session (reused) | {reused_rt:g} (the reset, after the client left) | "
+        f"| session (reused) | {reused_rt:g} | "
+        f"{rtt['lakeproxy_session']['round_trips_after']:g} (the reset) | "
         f"{rtt['lakeproxy_session']['new_endpoint_connections']:g} | "
         f"{rtt['lakeproxy_session']['login_ms']:.1f} ms |",
         "",

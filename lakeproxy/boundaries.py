@@ -24,14 +24,21 @@ Terminate split across reads, bytes after it). Every uncertainty counts as
 not clean: the cost of a wrong "not clean" is one login, the cost of a wrong
 "clean" would be a session handed to a stranger mid-conversation.
 
-Cost (benchmarks/results/pool-*.md, ``python -m benchmarks.splice_micro``
-style A/B in one process, uvloop, TLS upstream): the header walk is one
-``Struct.unpack_from`` and a few compares per message, no copy; a bulk
-message straddling reads is skipped by arithmetic. Measured at 8 pgbench
-clients (``-S``, 4-5 messages per transaction) the tracked splice costs
-~1.0-1.1x the proxy CPU per transaction of the plain splice; the figure and
-the machine are in the results file. In ``off`` mode this module is not used
-at all: the plain :class:`~lakeproxy.splice.Splice` is unchanged.
+Measured cost (CPU time, uvloop, Python 3.11; shared 2-core VM):
+
+- the walk alone (``python -m benchmarks.boundaries_micro``,
+  results/boundaries_micro-20261204.json): 0.85 µs per simple-protocol
+  transaction (Query up; RowDescription, DataRow, CommandComplete,
+  ReadyForQuery down), 1.07 µs with a prepared statement (Bind, Execute, Sync
+  up), 1.2 µs per MB in bulk (a large message is skipped by arithmetic, its
+  body never touched). Written for that: one ``Struct.unpack_from`` and one
+  frozenset lookup per message, locals in the loop, counters written back
+  once per read; the previous shape (attribute updates per message, two
+  lookups) measured ~0.9 µs;
+- in the whole proxy (``python -m benchmarks.pool``, results/pool-*.md):
+  ``pgbench -S -c 8`` costs 0.98x (rounds 0.98-1.10x) the proxy CPU per
+  transaction of ``off`` mode, within the machine's noise; a relayed round trip
+  costs ~20 µs either way.
 
 This module imports nothing from :mod:`lakeproxy.wire` (the headers are read
 with :mod:`struct`, as the splice's own framing would be).
@@ -47,6 +54,7 @@ from lakeproxy.splice import CLOSE_FLUSH_TIMEOUT, Side, Splice, SpliceResult, _E
 from lakeproxy.tls import TLSTransport, shared_buffer
 
 _HEADER: Final = struct.Struct("!BI")
+_unpack: Final = _HEADER.unpack_from
 
 # Frontend message types (PostgreSQL protocol, "Message Formats").
 _QUERY: Final = ord("Q")
@@ -124,39 +132,48 @@ class _Track:
                 self.up_skip = 0
                 return -1
             self.up_carry = b""
-            t, length = _HEADER.unpack_from(head)
+            t, length = _unpack(head)
             if t == _TERMINATE:
                 self.dirty = True  # split Terminate: part of it already went upstream
-            else:
-                self._client_message(t)
-            pos = 1 + length - len(carry)
-        unpack = _HEADER.unpack_from
-        while pos + 5 <= n:
-            t, length = unpack(data, pos)
-            if t == _TERMINATE:
-                if pos + 5 != n:
-                    self.dirty = True  # bytes after Terminate
-                self.up_skip = 0
-                return pos
-            if t in _ANSWERED:
+            elif t in _ANSWERED:
                 self.pending += 1
                 self.last = t
             elif t not in _COPY_FROM_CLIENT:
                 self.last = t
+            pos = 1 + length - len(carry)
+        # The loop runs once per message: locals only, one set lookup for the
+        # common message (Parse, Bind, Execute, Describe...).
+        unpack = _unpack
+        special = _UP_SPECIAL
+        last = _NO_MESSAGE
+        answered = 0
+        while pos + 5 <= n:
+            t, length = unpack(data, pos)
+            if t in special:
+                if t == _TERMINATE:
+                    if pos + 5 != n:
+                        self.dirty = True  # bytes after Terminate
+                    self.up_skip = 0
+                    self._up_done(last, answered)
+                    return pos
+                if t not in _COPY_FROM_CLIENT:  # Query, Sync, FunctionCall
+                    answered += 1
+                    last = t
+            else:
+                last = t
             pos += 1 + length
         if pos < n:
             self.up_carry = bytes(data[pos:])
             self.up_skip = 0
         else:
             self.up_skip = pos - n
+        self._up_done(last, answered)
         return -1
 
-    def _client_message(self, t: int) -> None:
-        if t in _ANSWERED:
-            self.pending += 1
-            self.last = t
-        elif t not in _COPY_FROM_CLIENT:
-            self.last = t
+    def _up_done(self, last: int, answered: int) -> None:
+        if last != _NO_MESSAGE:
+            self.last = last
+        self.pending += answered
 
     # -- endpoint -> client ---------------------------------------------------------
 
@@ -175,20 +192,22 @@ class _Track:
                 self.down_skip = 0
                 return
             self.down_carry = b""
-            t, length = _HEADER.unpack_from(head)
+            t, length = _unpack(head)
             self._backend_message(t, head[5] if t == _READY else 0)
             pos = 1 + length - len(carry)
-        unpack = _HEADER.unpack_from
+        unpack = _unpack
+        special = _DOWN_SPECIAL
         while pos + 5 <= n:
             t, length = unpack(data, pos)
-            if t == _READY:
-                if pos + 5 == n:  # its status byte comes with the next read
-                    break
-                self.pending -= 1
-                self.status = data[pos + 5]
-                self.in_copy = False
-            elif t in _BACKEND_FLAGS:
-                self._backend_message(t, 0)
+            if t in special:
+                if t == _READY:
+                    if pos + 5 == n:  # its status byte comes with the next read
+                        break
+                    self.pending -= 1
+                    self.status = data[pos + 5]
+                    self.in_copy = False
+                else:
+                    self._backend_message(t, 0)
             pos += 1 + length
         if pos < n:
             self.down_carry = bytes(data[pos:])
@@ -207,8 +226,12 @@ class _Track:
             self.dirty = True
 
 
-#: Backend types other than ReadyForQuery that the walk looks at.
-_BACKEND_FLAGS: Final = frozenset((_COPY_IN, _COPY_OUT, _COPY_BOTH, _ERROR, _PARAMETER_STATUS))
+#: Client message types the walk acts on (any other only becomes ``last``).
+_UP_SPECIAL: Final = frozenset((_QUERY, _SYNC, _FUNCTION_CALL, _TERMINATE, *_COPY_FROM_CLIENT))
+#: Backend message types the walk acts on (rows, descriptions, completions skip).
+_DOWN_SPECIAL: Final = frozenset(
+    (_READY, _COPY_IN, _COPY_OUT, _COPY_BOTH, _ERROR, _PARAMETER_STATUS)
+)
 
 
 class _TrackUp(_Ends, asyncio.BufferedProtocol):
