@@ -454,6 +454,19 @@ class Pool:
 
     # -- dropping -----------------------------------------------------------------
 
+    def evict(self, endpoint: object) -> bool:
+        """Close the longest-parked session of ``endpoint`` (any key) to free its
+        connection slot; False when it has none parked."""
+        oldest: Lease | None = None
+        for key, leases in self._parked.items():
+            if key[0] is endpoint and leases and (
+                    oldest is None or leases[0].parked_at < oldest.parked_at):
+                oldest = leases[0]
+        if oldest is None:
+            return False
+        self._discard(oldest, "max_idle")
+        return True
+
     def drop(self, keep: Callable[[tuple[object, ...]], bool], reason: DiscardReason) -> int:
         """Close every parked session whose key ``keep`` refuses, and park none
         such from now on; returns how many were closed."""

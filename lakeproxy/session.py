@@ -64,6 +64,9 @@ HANG_UP_POLL: Final = 0.25
 #: poll() events that mean the peer closed (FIN: POLLRDHUP, Linux) or reset the connection.
 _HANG_UP_EVENTS: Final = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 
+#: Pauses before dialing again after closing a parked session for room (53300).
+_ROOM_RETRIES: Final = (0.05, 0.1, 0.2, 0.4, 0.8)
+
 #: A TLS handshake record starts with this byte. A client using direct TLS (libpq
 #: 17+ ``sslnegotiation=direct``) opens with its ClientHello instead of an
 #: SSLRequest; a startup packet never starts with it (its length would be > 10000).
@@ -415,7 +418,11 @@ class Session:
         self.connecting = True
         started = loop.time()
         try:
-            upstream = await self._dial(params, deadline=started + hooks.connect_deadline)
+            deadline = started + hooks.connect_deadline
+            if key is None:
+                upstream = await self._dial(params, deadline=deadline)
+            else:
+                upstream = await self._dial_making_room(params, deadline=deadline)
         finally:
             self.connecting = False
         hooks.on_upstream_connected(loop.time() - started)
@@ -427,6 +434,25 @@ class Session:
             # Its trailing bytes go to this client (below), never to a later one.
             new_lease = Lease.from_login(upstream.transport, key, upstream.startup_messages)
         await self._relay_startup(upstream, new_lease)
+
+    async def _dial_making_room(self, params: dict[str, str], *, deadline: float) -> Upstream:
+        """Dial; when the endpoint refuses for too many connections (53300) while
+        sessions of ours are parked there, close the longest-parked one and try
+        again: a parked session must never cost a client its login."""
+        pool = self.hooks.pool
+        for delay in _ROOM_RETRIES:
+            try:
+                return await self._dial(params, deadline=deadline)
+            except UpstreamRejected as exc:
+                loop = asyncio.get_running_loop()
+                if (exc.sqlstate != sqlstate.TOO_MANY_CONNECTIONS or pool is None
+                        or loop.time() + delay >= deadline or not pool.evict(self.hooks.dialer)):
+                    raise
+                log.info("session %s: endpoint at its connection limit; closed a parked "
+                         "session to make room", self.record.client)
+            # The endpoint frees the slot once the closed backend has exited.
+            await asyncio.sleep(delay)
+        return await self._dial(params, deadline=deadline)
 
     async def _dial(self, params: dict[str, str], *, deadline: float) -> Upstream:
         """Dial the endpoint; give up as soon as the client hangs up.

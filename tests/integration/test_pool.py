@@ -570,3 +570,22 @@ async def test_reload_drops_parked_sessions_only_when_the_endpoint_changes(
         p.runtime.reload()
         assert len(p.server.pool) == 0
     assert metric(p, "lakeproxy_pool_discards_total", reason="reload") == 1
+
+
+async def test_parked_sessions_make_room_at_the_endpoints_connection_limit(
+    make_emulator: MakeEmulator, proxy: ProxyFactory,
+) -> None:
+    """A client never gets 53300 because of our own parked sessions: at the limit,
+    the longest-parked one is closed and the login tried again."""
+    emu = await make_emulator(role="pool_limited_" + uuid.uuid4().hex[:8])
+    await asyncio.to_thread(emu.pg.psql, f'ALTER ROLE "{emu.role}" CONNECTION LIMIT 2')
+    async with asyncio.timeout(60):
+        p = await proxy(emu, LAKEPROXY_POOL_MODE="session")
+        for n in range(2):
+            c = await login(p, _name())
+            await c.terminate()
+            await parked(p, n + 1)
+        third = await login(p, _name())  # a third key: only room if one parked goes
+        assert await third.value("SELECT 1") == "1"
+        await third.terminate()
+    assert metric(p, "lakeproxy_pool_discards_total", reason="max_idle") >= 1
