@@ -237,6 +237,12 @@ class ClientProtocol(asyncio.Protocol):
         # transport closes anyway and warns when asked not to.)
         return self.transport is None or self.transport.get_extra_info("sslcontext") is None
 
+    def forget(self) -> None:
+        """Leave the server's registry of client connections (the client is gone;
+        what remains, a session reset, is the pool's business)."""
+        if self.session is not None:
+            self._registry.discard(self.session)
+
     def hung_up(self) -> bool:
         """True once the client sent EOF or the connection was lost."""
         return self.gone
@@ -592,6 +598,9 @@ class Session:
             pool.count_discard("dead")
             return
         self.resetting = True
+        # The client is gone: it no longer counts as one (max_clients, readiness,
+        # drain), while the reset takes its round trip.
+        self.conn.forget()
         try:
             parked, reason = await pool.reset_and_park(lease, splice.status)
         except asyncio.CancelledError:
