@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 from typing import TextIO, TypeVar
 
 from lakeproxy.config import Config
-from lakeproxy.endpoint import build_dialer
 from lakeproxy.errors import LakeproxyError, UpstreamRejected
 from lakeproxy.upstream import UpstreamConnection, connect_with_retry
+from lakeproxy.upstream.dialer import build_dialer
 from lakeproxy.wire import limits
 from lakeproxy.wire.codec import SSLRequest, decode_backend, encode
 from lakeproxy.wire.framing import FrameReader

@@ -5,7 +5,7 @@ Exit status: the command's own (0 success), 2 for a configuration problem
 error, 1 for another lakeproxy error, 130 after Ctrl-C.
 
 The commands live in their own modules, imported only when the command runs:
-``lakeproxy.server.serve(config)``, ``lakeproxy.check.run_check(config, out)``,
+``lakeproxy.app.serve(config)``, ``lakeproxy.check.run_check(config, out)``,
 ``lakeproxy.demo.run_demo()``, ``lakeproxy.emulator.Emulator`` and
 ``lakeproxy.auth``. The coroutines run under uvloop when it is importable.
 """
@@ -255,7 +255,7 @@ def _setup_logging_from(args: argparse.Namespace, env: Mapping[str, str]) -> Non
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
-    serve = cast(Callable[[Config], Awaitable[int]], _attr("lakeproxy.server", "serve"))
+    serve = cast(Callable[[Config], Awaitable[int]], _attr("lakeproxy.app", "serve"))
 
     async def go() -> int:
         return await serve(config)
@@ -291,7 +291,7 @@ async def mint_token(config: Config) -> str:
         ConfigError: the auth module found the settings unusable.
     """
     from lakeproxy.auth import CachedCredentials
-    from lakeproxy.endpoint import make_api
+    from lakeproxy.upstream.dialer import make_api
 
     creds = CachedCredentials(make_api(config.databricks, config.endpoints[0]))
     try:

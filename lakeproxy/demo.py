@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import sys
 
+from lakeproxy.app import serve
 from lakeproxy.config import load_config
-from lakeproxy.server import ProxyServer, serve
+from lakeproxy.server import ProxyServer
 
 DEFAULT_DEMO_LISTEN = "127.0.0.1:6432"
 

@@ -12,7 +12,6 @@ import contextlib
 import errno
 import logging
 import os
-import signal
 import socket
 import ssl
 import stat
@@ -24,8 +23,9 @@ from lakeproxy.cancel import CancelRegistry
 from lakeproxy.config import Config, EndpointConfig, Listener
 from lakeproxy.errors import LakeproxyError, ShuttingDown, TooManyConnections
 from lakeproxy.log import fields as log_fields
-from lakeproxy.metrics import Metrics, Outcome
+from lakeproxy.metrics import Metrics
 from lakeproxy.pool import Pool
+from lakeproxy.readiness import not_ready_reason
 from lakeproxy.session import ClientAuthenticator, ClientProtocol, Dialer, Session, SessionHooks
 
 log = logging.getLogger("lakeproxy.server")
@@ -41,7 +41,7 @@ class Endpoint:
 
 
 class ProxyServer:
-    """All listeners of one lakeproxy process. Implements admin's ReadinessSource."""
+    """All listeners of one lakeproxy process. Implements readiness.ReadinessSource."""
 
     def __init__(
         self,
@@ -110,7 +110,7 @@ class ProxyServer:
                     try:
                         server = await self._bind(loop, listener, factory)
                     except OSError as exc:
-                        raise _bind_error(f"cannot listen on {listener.describe()}", exc) from exc
+                        raise bind_error(f"cannot listen on {listener.describe()}", exc) from exc
                     self._servers.append(server)
         except BaseException:
             await self.close_listeners()
@@ -225,6 +225,7 @@ class ProxyServer:
             connect_deadline=self.config.connect_deadline,
             cancels=self.cancels,
             admit=self._admit,
+            not_ready=self._not_ready_for_ping,
             tls_context=self._tls_context,
             tls_required=self.config.client_tls == "require",
             authenticator=self._authenticator,
@@ -249,12 +250,17 @@ class ProxyServer:
             )
         return None
 
+    def _not_ready_for_ping(self) -> str | None:
+        # The ping's own connection is one of self.sessions: count it out.
+        return not_ready_reason(self, asking=1)
+
     def _session_finished(self, session: Session) -> None:
         r = session.record
-        self.metrics.session_finished(_METRIC_OUTCOME.get(r.outcome, "internal"),
-                                      r.bytes_up, r.bytes_down)
+        self.metrics.session_finished(r.outcome, r.bytes_up, r.bytes_down)
         duration = time.monotonic() - r.started
-        level = logging.ERROR if r.outcome == "internal" else logging.INFO
+        level = (logging.ERROR if r.outcome == "internal"
+                 else logging.DEBUG if r.outcome == "probe"  # one every few seconds
+                 else logging.INFO)
         values: dict[str, object] = {
             "client": r.client,
             "database": r.database,
@@ -280,7 +286,7 @@ class _SocketPathInUse(OSError):
     """The unix socket path is taken (see :func:`_remove_stale_socket`)."""
 
 
-def _bind_error(what: str, exc: OSError) -> OSError:
+def bind_error(what: str, exc: OSError) -> OSError:
     """``what: reason`` as an OSError whose text is that one line (errno kept)."""
     if isinstance(exc, _SocketPathInUse) or not exc.errno:
         reason = exc.strerror or str(exc)
@@ -313,98 +319,3 @@ def _remove_stale_socket(path: str) -> None:
         else:
             raise _SocketPathInUse(errno.EADDRINUSE, "another server is listening there")
     os.unlink(path)
-
-
-#: Session outcomes (SessionRecord.outcome) -> the metric's outcome label.
-_METRIC_OUTCOME: dict[str, Outcome] = {
-    "ok": "ok",
-    "cancel": "ok",
-    "client_gone": "client_error",
-    "client_timeout": "client_error",
-    "client_error": "client_error",
-    "credential_error": "credential_error",
-    "upstream_error": "upstream_error",
-    "rejected": "rejected",
-    "too_many": "too_many",
-    "shutdown": "shutdown",
-    "internal": "internal",
-}
-
-
-def _install_signals(
-    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, reload: Callable[[], None]
-) -> Callable[[], None]:
-    count = 0
-
-    def on_stop(signum: int) -> None:
-        nonlocal count
-        count += 1
-        if count > 1 and signum == signal.SIGINT:
-            log.warning("second SIGINT: exiting now")
-            os._exit(130)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop, sig)
-    loop.add_signal_handler(signal.SIGHUP, reload)
-
-    def remove() -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-
-    return remove
-
-
-async def serve(config: Config, *, ready: Callable[[ProxyServer], None] | None = None) -> int:
-    """``lakeproxy run``: serve until SIGTERM/SIGINT, then drain.
-
-    Returns the exit code: 0 after a drain, 1 when a listener or the admin
-    server cannot be bound (logged as one line).
-    """
-    from lakeproxy.admin import AdminServer
-    from lakeproxy.endpoint import Runtime
-
-    loop = asyncio.get_running_loop()
-    metrics = Metrics()
-    runtime = Runtime(config, metrics)
-    server = runtime.server
-    admin: AdminServer | None = None
-    stop = asyncio.Event()
-    remove_signals = _install_signals(loop, stop, runtime.reload)
-    try:
-        try:
-            if config.admin_listen is not None:
-                admin = AdminServer(server, metrics)
-                host, port = config.admin_listen
-                try:
-                    await admin.start(host, port)
-                except OSError as exc:
-                    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-                    raise _bind_error(f"cannot serve the admin endpoints on {where}",
-                                      exc) from exc
-            await runtime.start()
-        except OSError as exc:
-            log.error("%s", exc)  # one line, no traceback: the address is the problem
-            return 1
-        log.info(
-            "lakeproxy listening on %s for %s%s",
-            ", ".join(server.bound),
-            ", ".join(runtime.describe_endpoints()),
-            f"; admin on {config.admin_listen[0]}:{admin.port}" if admin is not None
-            and config.admin_listen is not None else "",
-        )
-        if ready is not None:
-            ready(server)
-        await stop.wait()
-        log.info(
-            "shutting down: %d open session(s), grace %.0fs",
-            len(server.sessions), config.shutdown_grace,
-        )
-        await server.drain(config.shutdown_grace)
-    finally:
-        remove_signals()
-        await runtime.close()
-        if admin is not None:
-            await admin.stop()
-    log.info("lakeproxy stopped")
-    return 0

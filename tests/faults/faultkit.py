@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import psycopg
 
+from lakeproxy.app import Runtime
 from lakeproxy.config import load_config
 from lakeproxy.emulator import Emulator
-from lakeproxy.endpoint import Runtime
 from lakeproxy.metrics import Metrics
 from lakeproxy.wire import codec
 from lakeproxy.wire.framing import FrameReader

@@ -1,6 +1,6 @@
 """lakeproxy in-process for the end-to-end tests, and the clients that talk to it.
 
-:func:`start_proxy` builds a real :class:`~lakeproxy.endpoint.Runtime` (the
+:func:`start_proxy` builds a real :class:`~lakeproxy.app.Runtime` (the
 same one ``lakeproxy run`` serves) from an environment, bound to an ephemeral
 port on 127.0.0.1. :class:`Proxy` connects real clients to it: psql (as a
 subprocess, with a clean environment and no password), psycopg and asyncpg.
@@ -22,9 +22,9 @@ import asyncpg
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from lakeproxy.app import Runtime
 from lakeproxy.config import load_config
 from lakeproxy.emulator import PgCluster
-from lakeproxy.endpoint import Runtime
 from lakeproxy.metrics import Metrics
 from lakeproxy.server import ProxyServer
 from lakeproxy.wire.codec import (

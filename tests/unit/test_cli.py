@@ -182,7 +182,7 @@ def test_run_dispatches_to_server_serve(monkeypatch: pytest.MonkeyPatch) -> None
         seen.append(config)
         return 0
 
-    fake_module(monkeypatch, "lakeproxy.server", serve=serve)
+    fake_module(monkeypatch, "lakeproxy.app", serve=serve)
     assert cli.main(["--listen", "127.0.0.1:7777", "--log-format", "json"]) == 0
     assert seen[0].endpoints[0].listen[0].port == 7777
     assert seen[0].log_format == "json"
@@ -197,7 +197,7 @@ def test_repeated_listen_flags_join(monkeypatch: pytest.MonkeyPatch) -> None:
         seen.append(config)
         return 0
 
-    fake_module(monkeypatch, "lakeproxy.server", serve=serve)
+    fake_module(monkeypatch, "lakeproxy.app", serve=serve)
     assert cli.main(["run", "--listen", "127.0.0.1:1", "--listen", "[::1]:2"]) == 0
     assert [lst.describe() for lst in seen[0].endpoints[0].listen] == ["127.0.0.1:1", "[::1]:2"]
 
@@ -239,7 +239,7 @@ def test_keyboard_interrupt_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
     async def serve(config: Config) -> int:
         raise KeyboardInterrupt
 
-    fake_module(monkeypatch, "lakeproxy.server", serve=serve)
+    fake_module(monkeypatch, "lakeproxy.app", serve=serve)
     assert cli.main(["run"]) == 130
 
 

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 
 import pytest
 
-import lakeproxy.upstream as upstream
+import lakeproxy.upstream.login as upstream_login
 from lakeproxy.errors import UpstreamConnectError, UpstreamRejected
 from lakeproxy.retry import RetryPolicy
 from lakeproxy.upstream import UpstreamConnection, UpstreamTarget, connect_with_retry
@@ -26,7 +26,7 @@ def rejected(code: str, message: str) -> UpstreamRejected:
 
 
 class Script:
-    """Replaces lakeproxy.upstream.connect: each call pops the next outcome
+    """Replaces lakeproxy.upstream.login.connect: each call pops the next outcome
     (an exception to raise, OK to succeed, or a float to sleep that long first)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *outcomes: object) -> None:
@@ -34,7 +34,7 @@ class Script:
         self.tokens: list[str] = []
         self.budgets: list[float] = []
         self.conn = object()
-        monkeypatch.setattr(upstream, "connect", self)
+        monkeypatch.setattr(upstream_login, "connect", self)
 
     async def __call__(
         self, endpoint: UpstreamTarget, token: str, params: Mapping[str, str], *,

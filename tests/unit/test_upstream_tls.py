@@ -18,11 +18,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
-from lakeproxy import endpoint as endpoint_mod
 from lakeproxy.auth.provider import Credential
 from lakeproxy.config import load_config
 from lakeproxy.emulator.certs import TlsFiles, make_certs
-from lakeproxy.endpoint import EndpointDialer
 from lakeproxy.errors import ConfigError, UpstreamConnectError
 from lakeproxy.upstream import (
     UpstreamTarget,
@@ -31,6 +29,8 @@ from lakeproxy.upstream import (
     make_ssl_context,
     tls_server_end_point,
 )
+from lakeproxy.upstream import dialer as dialer_mod
+from lakeproxy.upstream.dialer import EndpointDialer
 
 HOST = "pg.test"
 _Hash = hashes.SHA224 | hashes.SHA256 | hashes.SHA384 | hashes.SHA512
@@ -267,7 +267,7 @@ def _rig(tls: TlsFiles, monkeypatch: pytest.MonkeyPatch,
     """A dialer whose connection attempts are handshakes with ``server``, and
     the list of the contexts those attempts used."""
     contexts: list[ssl.SSLContext] = []
-    monkeypatch.setattr(endpoint_mod, "connect_with_retry", _fake_connect(server, contexts))
+    monkeypatch.setattr(dialer_mod, "connect_with_retry", _fake_connect(server, contexts))
     return _dialer(tls), contexts
 
 
@@ -302,7 +302,7 @@ def test_the_dialer_falls_back_once_and_stays_there(
     first = dialer.ssl_context
 
     # several first connections at once: all succeed, one switch
-    with caplog.at_level(logging.WARNING, logger="lakeproxy.endpoint"):
+    with caplog.at_level(logging.WARNING, logger="lakeproxy.upstream"):
         assert _connect(dialer, 4) == ["connected"] * 4
     assert dialer.ssl_context is not first
     switches = [r for r in caplog.records if "offering only P-256" in r.getMessage()]

@@ -1,9 +1,13 @@
-"""Wiring: a configured endpoint becomes a Dialer (credential + TLS login + retries).
+"""The wiring: configuration in, a serving process out.
 
-:class:`EndpointDialer` is what a session calls to get a logged-in upstream
-connection. :class:`Runtime` builds one dialer per ``[[endpoints]]`` entry,
-the :class:`~lakeproxy.server.ProxyServer` around them, and re-reads the
-configuration on SIGHUP.
+:class:`Runtime` builds one :class:`~lakeproxy.upstream.dialer.EndpointDialer`
+(credentials + TLS login + retries) per ``[[endpoints]]`` entry and the
+:class:`~lakeproxy.server.ProxyServer` around them, and re-reads the
+configuration on SIGHUP. :func:`serve` is ``lakeproxy run``: admin server,
+listeners, signals, drain.
+
+This is the top of the import graph: it imports the server, the dialers and
+the credentials; nothing below imports it.
 """
 
 from __future__ import annotations
@@ -12,147 +16,21 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import ssl
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 
-from lakeproxy.auth.cache import CachedCredentials
-from lakeproxy.auth.databricks import DatabricksApi
-from lakeproxy.auth.provider import Credential
+from lakeproxy.admin import AdminServer
 from lakeproxy.client_auth import ScramAuthenticator, ScramVerifier
-from lakeproxy.config import Config, DatabricksConfig, EndpointConfig, reload_config
-from lakeproxy.errors import ConfigError, CredentialError, LakeproxyError, UpstreamConnectError
+from lakeproxy.config import Config, EndpointConfig, reload_config
+from lakeproxy.errors import ConfigError, CredentialError, LakeproxyError
 from lakeproxy.metrics import Metrics
-from lakeproxy.server import Endpoint, ProxyServer
+from lakeproxy.server import Endpoint, ProxyServer, bind_error
 from lakeproxy.session import ClientAuthenticator
-from lakeproxy.upstream import (
-    TlsGroups,
-    UpstreamConnection,
-    UpstreamTarget,
-    clear_ssl_context_cache,
-    connect_with_retry,
-    handshake_refused,
-    make_ssl_context,
-    send_cancel,
-)
+from lakeproxy.upstream import clear_ssl_context_cache, make_ssl_context
+from lakeproxy.upstream.dialer import EndpointDialer, build_dialer
 
-log = logging.getLogger("lakeproxy.endpoint")
-
-
-def make_api(databricks: DatabricksConfig, endpoint: EndpointConfig) -> DatabricksApi:
-    """The credential API client for one endpoint (raises ConfigError)."""
-    oauth = databricks.auth_method == "oauth-m2m"
-    return DatabricksApi(
-        host=databricks.host,
-        client_id=databricks.client_id if oauth else None,
-        client_secret=databricks.client_secret if oauth else None,
-        token=None if oauth else databricks.token,
-        endpoint_name=endpoint.name,
-        instance_name=endpoint.instance,
-    )
-
-
-class EndpointDialer:
-    """Opens logged-in connections to one endpoint. Implements session.Dialer."""
-
-    def __init__(
-        self,
-        config: EndpointConfig,
-        credentials: CachedCredentials,
-        *,
-        metrics: Metrics | None = None,
-    ) -> None:
-        self.config = config
-        self.credentials = credentials
-        self.metrics = metrics
-        self._groups: TlsGroups = "p256"
-        self.ssl_context: ssl.SSLContext = make_ssl_context(config.sslmode, config.sslrootcert)
-        self._host: str | None = config.host
-
-    def reload_tls(self) -> None:
-        """Build this endpoint's TLS context from the CA file again (SIGHUP).
-
-        Raises:
-            ConfigError: the CA file cannot be loaded.
-        """
-        c = self.config
-        self.ssl_context = make_ssl_context(c.sslmode, c.sslrootcert, groups=self._groups)
-
-    def describe(self) -> str:
-        where = self._host or "(host looked up)"
-        return f"{self.config.label} at {where}:{self.config.port} as {self.config.user}"
-
-    async def target(self, *, deadline: float) -> UpstreamTarget:
-        """The endpoint's address, looking the host up once when PGHOST is unset."""
-        if self._host is None:
-            self._host = await self.credentials.endpoint_host(
-                self.config.name, deadline=deadline
-            )
-            log.info("endpoint %s: host is %s", self.config.label, self._host)
-        c = self.config
-        return UpstreamTarget(host=self._host, port=c.port, hostaddr=c.hostaddr,
-                              sslmode=c.sslmode)
-
-    async def connect(self, params: Mapping[str, str], *, deadline: float) -> UpstreamConnection:
-        target = await self.target(deadline=deadline)
-        cred = await self.credentials.get(deadline=deadline)
-        used: list[Credential] = [cred]
-
-        async def refresh() -> str:
-            # The endpoint refused the credential: drop it, mint a newer one.
-            self.credentials.invalidate(used[-1])
-            fresh = await self.credentials.get(deadline=deadline)
-            used.append(fresh)
-            return fresh.token
-
-        m = self.metrics
-
-        def attempt() -> Awaitable[UpstreamConnection]:
-            return connect_with_retry(
-                target, used[-1].token, params, deadline=deadline, ssl_context=self.ssl_context,
-                refresh_credential=refresh,
-                on_retry=(lambda _exc: m.upstream_retry()) if m is not None else None,
-            )
-
-        groups = self._groups
-        try:
-            return await attempt()
-        except UpstreamConnectError as exc:
-            if groups != "p256" or not handshake_refused(exc):
-                raise
-            # P-256 is mandatory for TLS 1.3 servers, but one that refuses it
-            # must still be reachable: offer OpenSSL's default groups from now on.
-            if self._groups == "p256":
-                log.warning("endpoint %s refused a TLS handshake offering only P-256; "
-                            "offering OpenSSL's default key-exchange groups from now on",
-                            self.config.label)
-                self._groups = "default"
-                self.reload_tls()
-        return await attempt()
-
-    async def cancel(self, process_id: int, secret: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        target = await self.target(deadline=loop.time() + 10)
-        await send_cancel(target, self.ssl_context, process_id, secret)
-
-    async def close(self) -> None:
-        await self.credentials.close()
-
-
-def build_dialer(
-    config: Config, endpoint: EndpointConfig, metrics: Metrics | None
-) -> EndpointDialer:
-    def on_request(kind: str, result: str) -> None:
-        if metrics is not None and kind in ("oauth", "database"):
-            metrics.credential_request(kind, "ok" if result == "ok" else "error")  # type: ignore[arg-type]
-
-    def on_credential(kind: str, expires_wall: float) -> None:
-        if metrics is not None and kind in ("oauth", "database"):
-            metrics.credential_expiry(kind, expires_wall)  # type: ignore[arg-type]
-
-    creds = CachedCredentials(
-        make_api(config.databricks, endpoint), on_request=on_request, on_credential=on_credential
-    )
-    return EndpointDialer(endpoint, creds, metrics=metrics)
+log = logging.getLogger("lakeproxy.app")
 
 
 def client_tls_context(config: Config) -> ssl.SSLContext | None:
@@ -303,3 +181,78 @@ def _same_upstream(
         == dataclasses.replace(new, database="", listen=(), pool_mode="off")
     )
 
+
+def _install_signals(
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, reload: Callable[[], None]
+) -> Callable[[], None]:
+    count = 0
+
+    def on_stop(signum: int) -> None:
+        nonlocal count
+        count += 1
+        if count > 1 and signum == signal.SIGINT:
+            log.warning("second SIGINT: exiting now")
+            os._exit(130)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+
+    def remove() -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    return remove
+
+
+async def serve(config: Config, *, ready: Callable[[ProxyServer], None] | None = None) -> int:
+    """``lakeproxy run``: serve until SIGTERM/SIGINT, then drain.
+
+    Returns the exit code: 0 after a drain, 1 when a listener or the admin
+    server cannot be bound (logged as one line).
+    """
+    loop = asyncio.get_running_loop()
+    metrics = Metrics()
+    runtime = Runtime(config, metrics)
+    server = runtime.server
+    admin: AdminServer | None = None
+    stop = asyncio.Event()
+    remove_signals = _install_signals(loop, stop, runtime.reload)
+    try:
+        try:
+            if config.admin_listen is not None:
+                admin = AdminServer(server, metrics)
+                host, port = config.admin_listen
+                try:
+                    await admin.start(host, port)
+                except OSError as exc:
+                    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                    raise bind_error(f"cannot serve the admin endpoints on {where}",
+                                      exc) from exc
+            await runtime.start()
+        except OSError as exc:
+            log.error("%s", exc)  # one line, no traceback: the address is the problem
+            return 1
+        log.info(
+            "lakeproxy listening on %s for %s%s",
+            ", ".join(server.bound),
+            ", ".join(runtime.describe_endpoints()),
+            f"; admin on {config.admin_listen[0]}:{admin.port}" if admin is not None
+            and config.admin_listen is not None else "",
+        )
+        if ready is not None:
+            ready(server)
+        await stop.wait()
+        log.info(
+            "shutting down: %d open session(s), grace %.0fs",
+            len(server.sessions), config.shutdown_grace,
+        )
+        await server.drain(config.shutdown_grace)
+    finally:
+        remove_signals()
+        await runtime.close()
+        if admin is not None:
+            await admin.stop()
+    log.info("lakeproxy stopped")
+    return 0

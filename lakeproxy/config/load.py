@@ -1,9 +1,4 @@
-"""lakeproxy's configuration: frozen dataclasses and :func:`load_config`.
-
-Sources, highest first: command-line flags, environment variables, the TOML
-file (``--config FILE`` or ``LAKEPROXY_CONFIG``), a ``~/.databrickscfg``
-profile (for the ``[databricks]`` identity only), defaults.
-``config.example.toml`` documents every key.
+"""Loading: flags over environment over TOML file over defaults.
 
 :func:`load_config` is pure apart from reading the files it is pointed at: the
 environment is passed in, ``os.environ`` is never read here. It collects every
@@ -21,45 +16,66 @@ Rules worth knowing:
   variables (``ENDPOINT_NAME``, ``LAKEBASE_INSTANCE``, ``PG*``) are ignored and
   ``LAKEPROXY_LISTEN`` / ``--listen`` are refused: each endpoint says it all;
   with one ``[[endpoints]]`` table, they override its fields.
+
+Adding a key: a field in :mod:`~lakeproxy.config.model`, its name in
+:data:`FILE_KEYS` / :data:`ENV_VARS`, and one ``self.parse(...)`` line here.
 """
 
 from __future__ import annotations
 
-import configparser
 import dataclasses
-import difflib
-import ipaddress
-import math
-import re
 import tomllib
-import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, Literal, TypeVar, cast, get_args
+from typing import Final, TypeVar, cast
 
+from lakeproxy.config.model import (
+    DEFAULT_CONNECT_DEADLINE,
+    DEFAULT_DATABASE,
+    DEFAULT_LISTEN,
+    DEFAULT_MAX_CLIENTS,
+    DEFAULT_PGPORT,
+    DEFAULT_POOL_IDLE_TIMEOUT,
+    DEFAULT_POOL_LIFETIME,
+    DEFAULT_POOL_MAX_IDLE,
+    DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_SSLMODE,
+    ClientTls,
+    Config,
+    DatabricksConfig,
+    EndpointConfig,
+    Listener,
+    LogFormat,
+    LogLevel,
+    PoolMode,
+)
+from lakeproxy.config.profiles import ProfileError, read_profile
+from lakeproxy.config.values import (
+    Bad,
+    Raw,
+    as_admin_listen,
+    as_bool,
+    as_client_tls,
+    as_databricks_host,
+    as_duration,
+    as_endpoint_name,
+    as_ip_address,
+    as_listeners,
+    as_log_format,
+    as_log_level,
+    as_pg_host,
+    as_pg_port,
+    as_pool_mode,
+    as_positive_int,
+    as_secret,
+    as_sslmode,
+    as_text,
+    did_you_mean,
+    parse_listener,
+    show,
+)
 from lakeproxy.errors import ConfigError
-
-SslMode = Literal["require", "verify-ca", "verify-full"]
-ClientTls = Literal["off", "allow", "require"]
-LogFormat = Literal["text", "json"]
-LogLevel = Literal["debug", "info", "warning", "error"]
-PoolMode = Literal["off", "session"]
-
-DEFAULT_LISTEN: Final = "127.0.0.1:6432"
-DEFAULT_PGPORT: Final = 5432
-DEFAULT_DATABASE: Final = "databricks_postgres"
-DEFAULT_SSLMODE: Final[SslMode] = "verify-full"
-DEFAULT_SSLROOTCERT: Final = "system"
-DEFAULT_CONNECT_DEADLINE: Final = 60.0
-DEFAULT_MAX_CLIENTS: Final = 1000
-DEFAULT_SHUTDOWN_GRACE: Final = 30.0
-DEFAULT_UNIX_PORT: Final = 6432
-DEFAULT_DATABRICKSCFG_PROFILE: Final = "DEFAULT"
-# Session reuse (SPEC "Session reuse").
-DEFAULT_POOL_IDLE_TIMEOUT: Final = 60.0
-DEFAULT_POOL_MAX_IDLE: Final = 10
-DEFAULT_POOL_LIFETIME: Final = 3600.0
 
 #: Keys the TOML file may hold, per table. A test checks that
 #: ``config.example.toml`` documents each of them.
@@ -95,237 +111,10 @@ FLAG_KEYS: Final[tuple[str, ...]] = (
     "listen", "admin_listen", "allow_remote_trust", "log_level", "log_format",
 )
 
-_DATABRICKSCFG_KEYS: Final = ("host", "client_id", "client_secret", "token")
 _SECRET_KEYS: Final = frozenset({"client_secret", "token", "client_password"})
-_ENDPOINT_NAME_RE: Final = re.compile(r"projects/[^/\s]+/branches/[^/\s]+/endpoints/[^/\s]+")
-_HOSTNAME_RE: Final = re.compile(
-    r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62})(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}))*\.?"
-)
-_DURATION_RE: Final = re.compile(r"(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h)?")
-_DURATION_UNITS: Final = {None: 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-_TRUE: Final = frozenset({"1", "true", "yes", "on"})
-_FALSE: Final = frozenset({"0", "false", "no", "off"})
-
-# --------------------------------------------------------------------------
-# The configuration
+_T = TypeVar("_T")
 
 
-@dataclass(frozen=True, slots=True)
-class Listener:
-    """One address lakeproxy accepts clients on.
-
-    ``tcp``: ``host`` is the address or name to bind, ``path`` is None; port 0
-    lets the kernel pick one. ``unix``: ``host`` is the socket directory and
-    ``path`` the socket file ``DIR/.s.PGSQL.PORT`` (the name libpq looks for).
-    """
-
-    kind: Literal["tcp", "unix"]
-    host: str
-    port: int
-    path: str | None = None
-
-    @property
-    def is_loopback(self) -> bool:
-        """True when only this machine can reach the listener (unix sockets included)."""
-        return self.kind == "unix" or is_loopback_host(self.host)
-
-    def describe(self) -> str:
-        """``127.0.0.1:6432``, ``[::1]:6432`` or ``unix:/tmp/.s.PGSQL.6432``."""
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EndpointConfig:
-    """One Lakebase endpoint and the listeners that lead to it.
-
-    Exactly one of ``name`` (autoscaling, ``projects/<p>/branches/<b>/endpoints/<e>``)
-    and ``instance`` (provisioned) is set. ``host`` None means: look it up with the
-    Databricks API. ``hostaddr`` is dialled instead of resolving ``host``.
-    """
-
-    name: str | None = None
-    instance: str | None = None
-    host: str | None = None
-    hostaddr: str | None = None
-    port: int = DEFAULT_PGPORT
-    database: str = DEFAULT_DATABASE
-    user: str
-    sslmode: SslMode = DEFAULT_SSLMODE
-    sslrootcert: str = DEFAULT_SSLROOTCERT
-    listen: tuple[Listener, ...] = (Listener("tcp", "127.0.0.1", 6432),)
-    #: Session reuse for this endpoint's clients (SPEC "Session reuse").
-    pool_mode: PoolMode = "off"
-
-    @property
-    def label(self) -> str:
-        """The endpoint name or the instance name, for logs."""
-        return self.name or self.instance or "?"
-
-
-@dataclass(frozen=True, slots=True)
-class DatabricksConfig:
-    """The workspace identity shared by every endpoint.
-
-    Exactly one auth method is usable: ``client_id`` + ``client_secret`` (OAuth
-    M2M), or ``token`` (then ``client_id``, if set, only provides the default role).
-    """
-
-    host: str
-    client_id: str | None = None
-    client_secret: str | None = field(default=None, repr=False)
-    token: str | None = field(default=None, repr=False)
-
-    @property
-    def auth_method(self) -> Literal["oauth-m2m", "token"]:
-        """``oauth-m2m`` when a client secret is set, else ``token``."""
-        return "oauth-m2m" if self.client_secret is not None else "token"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Config:
-    """Everything lakeproxy needs to run. Build it with :func:`load_config`."""
-
-    databricks: DatabricksConfig
-    endpoints: tuple[EndpointConfig, ...]
-    admin_listen: tuple[str, int] | None = None
-    client_password: str | None = field(default=None, repr=False)
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    client_tls: ClientTls = "off"
-    connect_deadline: float = DEFAULT_CONNECT_DEADLINE
-    max_clients: int = DEFAULT_MAX_CLIENTS
-    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
-    log_format: LogFormat = "text"
-    log_level: LogLevel = "info"
-    allow_remote_trust: bool = False
-    #: Bounds of parked sessions (session reuse): seconds, count per key, seconds.
-    pool_idle_timeout: float = DEFAULT_POOL_IDLE_TIMEOUT
-    pool_max_idle: int = DEFAULT_POOL_MAX_IDLE
-    pool_lifetime: float = DEFAULT_POOL_LIFETIME
-    config_file: Path | None = None
-    #: The command-line flags this config was loaded with (``argv`` items, plus
-    #: ``config`` when a file was given explicitly), for :func:`reload_config`.
-    flags: tuple[tuple[str, str | bool], ...] = field(default=(), repr=False)
-
-
-# --------------------------------------------------------------------------
-# Public parsing helpers (raise ValueError with a reason that fits after "KEY: ")
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost``, 127.0.0.0/8, ``::1`` (and IPv4-mapped 127/8)."""
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped.is_loopback
-    return addr.is_loopback
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from ``"30"``, ``"30s"``, ``"200ms"``, ``"2m"``, ``"1h"``.
-
-    Raises:
-        ValueError: not a non-negative number with an optional unit.
-    """
-    m = _DURATION_RE.fullmatch(text.strip())
-    if m is None:
-        raise ValueError('must be a duration such as "30", "30s", "200ms" or "2m"')
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-
-
-def parse_host_port(text: str, *, allow_zero: bool = True) -> tuple[str, int]:
-    """``(host, port)`` from ``HOST:PORT`` or ``[v6]:PORT``.
-
-    Raises:
-        ValueError: malformed, empty host, bare IPv6 address, or port out of range.
-    """
-    text = text.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        if end < 0 or not text[end + 1 :].startswith(":"):
-            raise ValueError("must be [IPV6]:PORT, e.g. [::1]:6432")
-        host, port_text = text[1:end], text[end + 2 :]
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:6432")
-        if ":" in host:
-            raise ValueError("an IPv6 address needs brackets, e.g. [::1]:6432")
-        if not host:
-            raise ValueError("needs a host, e.g. 127.0.0.1:6432 (0.0.0.0 for all interfaces)")
-        if not _is_host(host):
-            raise ValueError(f"{host!r} is not a host name or IP address")
-    return host, _port_number(port_text, allow_zero=allow_zero)
-
-
-def parse_listener(text: str) -> Listener:
-    """One listener from ``HOST:PORT``, ``[v6]:PORT`` or ``unix:/DIR[:PORT]``.
-
-    Raises:
-        ValueError: with the reason.
-    """
-    text = text.strip()
-    if text.startswith("unix:"):
-        rest = text[len("unix:") :]
-        directory, port = rest, DEFAULT_UNIX_PORT
-        head, sep, tail = rest.rpartition(":")
-        if sep and tail.isdigit():
-            directory, port = head, _port_number(tail, allow_zero=False)
-        if not directory.startswith("/"):
-            raise ValueError("a unix listener needs an absolute directory, e.g. unix:/tmp:6432")
-        directory = directory.rstrip("/") or "/"
-        path = f"{directory.rstrip('/')}/.s.PGSQL.{port}"
-        return Listener("unix", directory, port, path)
-    host, port = parse_host_port(text)
-    return Listener("tcp", host, port)
-
-
-def parse_listeners(text: str) -> tuple[Listener, ...]:
-    """Comma-separated :func:`parse_listener` specs; at least one.
-
-    Raises:
-        ValueError: with the reason (naming the bad item).
-    """
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise ValueError("needs at least one listener, e.g. 127.0.0.1:6432")
-    out: list[Listener] = []
-    for item in items:
-        try:
-            out.append(parse_listener(item))
-        except ValueError as exc:
-            raise ValueError(f"{item!r}: {exc}") from None
-    return tuple(out)
-
-
-def _port_number(text: str, *, allow_zero: bool) -> int:
-    low = 0 if allow_zero else 1
-    if not text.isdigit() or not low <= int(text) <= 65535:
-        raise ValueError(f"port must be a number from {low} to 65535")
-    return int(text)
-
-
-def _is_host(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return _HOSTNAME_RE.fullmatch(host) is not None
-    return True
-
-
-# --------------------------------------------------------------------------
 # Loading
 
 
@@ -372,30 +161,6 @@ def reload_config(config: Config, *, env: Mapping[str, str]) -> Config:
     )
 
 
-class _Bad(Exception):
-    """A value's problem; the text fits after ``KEY (source): ``."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Raw:
-    """A value and where it came from."""
-
-    value: object
-    origin: str  # e.g. "PGPORT=x (environment)", "[proxy] max_clients (lakeproxy.toml)"
-    shown: str | None = None  # the value, for file-sourced non-secrets
-    base: Path | None = None  # directory relative paths are resolved against
-
-
-_T = TypeVar("_T")
-
-
-def _show(value: object) -> str:
-    text = value if isinstance(value, str) else repr(value)
-    if isinstance(value, str) and (not text.isprintable() or not text or " " in text):
-        text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
 def _table_label(table: str) -> str:
     return f"[{table}]"
 
@@ -422,7 +187,7 @@ class _Loader:
 
     # -- problems --------------------------------------------------------
 
-    def bad(self, raw: _Raw, reason: str) -> None:
+    def bad(self, raw: Raw, reason: str) -> None:
         got = f" (got {raw.shown})" if raw.shown is not None else ""
         self.problems.append(f"{raw.origin}: {reason}{got}")
 
@@ -432,74 +197,74 @@ class _Loader:
 
     # -- sources ---------------------------------------------------------
 
-    def flag(self, name: str) -> _Raw | None:
+    def flag(self, name: str) -> Raw | None:
         value = self.flags.get(name)
         if value is None or value is False or value == "":
             return None
         opt = "--" + name.replace("_", "-")
-        shown = "" if value is True else f"={_show(value)}"
-        return _Raw(value, f"{opt}{shown} (command line)")
+        shown = "" if value is True else f"={show(value)}"
+        return Raw(value, f"{opt}{shown} (command line)")
 
-    def envvar(self, name: str, *, secret: bool = False) -> _Raw | None:
+    def envvar(self, name: str, *, secret: bool = False) -> Raw | None:
         value = self.env.get(name)
         if not value:
             return None
-        origin = f"{name} (environment)" if secret else f"{name}={_show(value)} (environment)"
-        return _Raw(value, origin)
+        origin = f"{name} (environment)" if secret else f"{name}={show(value)} (environment)"
+        return Raw(value, origin)
 
-    def fileval(self, table: Mapping[str, object], where: str, key: str) -> _Raw | None:
+    def fileval(self, table: Mapping[str, object], where: str, key: str) -> Raw | None:
         if key not in table:
             return None
         value = table[key]
         secret = key in _SECRET_KEYS
-        return _Raw(
+        return Raw(
             value,
             f"{where} {key} ({self.file_label})",
-            shown=None if secret else _show(value),
+            shown=None if secret else show(value),
             base=self.file_path.parent if self.file_path is not None else None,
         )
 
     @staticmethod
-    def pick(*candidates: _Raw | None) -> _Raw | None:
+    def pick(*candidates: Raw | None) -> Raw | None:
         for c in candidates:
             if c is not None:
                 return c
         return None
 
-    def parse(self, raw: _Raw | None, conv: Callable[[_Raw], _T], default: _T) -> _T:
+    def parse(self, raw: Raw | None, conv: Callable[[Raw], _T], default: _T) -> _T:
         if raw is None:
             return default
         try:
             return conv(raw)
-        except _Bad as exc:
+        except Bad as exc:
             self.bad(raw, str(exc))
             return default
 
-    def parse_opt(self, raw: _Raw | None, conv: Callable[[_Raw], _T]) -> _T | None:
+    def parse_opt(self, raw: Raw | None, conv: Callable[[Raw], _T]) -> _T | None:
         return self.parse(raw, conv, None)
 
     # -- converters (need self for HOME) ---------------------------------
 
-    def path(self, raw: _Raw) -> str:
-        text = _text(raw)
+    def path(self, raw: Raw) -> str:
+        text = as_text(raw)
         if text == "~" or text.startswith("~/"):
             if self.home is None:
-                raise _Bad("starts with ~ but HOME is not set")
+                raise Bad("starts with ~ but HOME is not set")
             text = self.home + text[1:]
         p = Path(text)
         if not p.is_absolute() and raw.base is not None:
             p = raw.base / p
         return str(p)
 
-    def existing_file(self, raw: _Raw) -> str:
+    def existing_file(self, raw: Raw) -> str:
         p = self.path(raw)
         if not Path(p).exists():
-            raise _Bad(f"file {p} does not exist")
+            raise Bad(f"file {p} does not exist")
         if not Path(p).is_file():
-            raise _Bad(f"{p} is not a file")
+            raise Bad(f"{p} is not a file")
         return p
 
-    def sslrootcert(self, raw: _Raw) -> str:
+    def sslrootcert(self, raw: Raw) -> str:
         if isinstance(raw.value, str) and raw.value.strip() == "system":
             return "system"
         return self.existing_file(raw)
@@ -547,10 +312,10 @@ class _Loader:
     # -- the TOML file ---------------------------------------------------
 
     def read_file(self) -> None:
-        raw: _Raw | None
+        raw: Raw | None
         if self.config_flag is not None:
-            shown = _show(str(self.config_flag))
-            raw = _Raw(str(self.config_flag), f"--config={shown} (command line)")
+            shown = show(str(self.config_flag))
+            raw = Raw(str(self.config_flag), f"--config={shown} (command line)")
         else:
             raw = self.envvar("LAKEPROXY_CONFIG")
         if raw is None:
@@ -585,7 +350,7 @@ class _Loader:
         for key in self.doc:
             if key not in FILE_KEYS:
                 self.problems.append(
-                    f"{key} ({self.file_label}): unknown table{_did_you_mean(key, FILE_KEYS)}; "
+                    f"{key} ({self.file_label}): unknown table{did_you_mean(key, FILE_KEYS)}; "
                     f"the file has [databricks], [proxy] and [[endpoints]]"
                 )
 
@@ -621,17 +386,17 @@ class _Loader:
         for key in table:
             if key not in known:
                 self.problems.append(
-                    f"{where} {key} ({self.file_label}): unknown key{_did_you_mean(key, known)}"
+                    f"{where} {key} ({self.file_label}): unknown key{did_you_mean(key, known)}"
                 )
 
     # -- [databricks] ----------------------------------------------------
 
     def databricks(
         self, table: Mapping[str, object]
-    ) -> tuple[DatabricksConfig | None, _Raw | None]:
+    ) -> tuple[DatabricksConfig | None, Raw | None]:
         """The identity (None if unusable), and the client id's source (PGUSER's default)."""
         where = "[databricks]"
-        vals: dict[str, _Raw | None] = {
+        vals: dict[str, Raw | None] = {
             "host": self.pick(self.envvar("DATABRICKS_HOST"), self.fileval(table, where, "host")),
             "client_id": self.pick(
                 self.envvar("DATABRICKS_CLIENT_ID"), self.fileval(table, where, "client_id")
@@ -649,10 +414,10 @@ class _Loader:
             if vals[key] is None:
                 vals[key] = raw
 
-        host = self.parse_opt(vals["host"], _databricks_host)
-        client_id = self.parse_opt(vals["client_id"], _text)
-        secret = self.parse_opt(vals["client_secret"], _secret)
-        token = self.parse_opt(vals["token"], _secret)
+        host = self.parse_opt(vals["host"], as_databricks_host)
+        client_id = self.parse_opt(vals["client_id"], as_text)
+        secret = self.parse_opt(vals["client_secret"], as_secret)
+        token = self.parse_opt(vals["token"], as_secret)
 
         if vals["host"] is None:
             self.missing(
@@ -688,8 +453,8 @@ class _Loader:
         return DatabricksConfig(host, client_id, secret, token), id_raw
 
     def profile_values(
-        self, table: Mapping[str, object], vals: Mapping[str, _Raw | None]
-    ) -> dict[str, _Raw]:
+        self, table: Mapping[str, object], vals: Mapping[str, Raw | None]
+    ) -> dict[str, Raw]:
         """Values from the ~/.databrickscfg profile, as the Databricks SDKs read it."""
         where = "[databricks]"
         profile_raw = self.pick(
@@ -705,7 +470,7 @@ class _Loader:
             # SDKs do). Unlike the SDKs, a host set alone does not skip it (SPEC: "DEFAULT
             # profile when no env credentials").
             return {}
-        profile = self.parse_opt(profile_raw, _text)
+        profile = self.parse_opt(profile_raw, as_text)
         if explicit and profile is None:
             return {}
         if file_raw is not None:
@@ -727,52 +492,35 @@ class _Loader:
                 self.bad(profile_raw, f"file {path} does not exist")
             return {}
 
-        parser = configparser.ConfigParser(interpolation=None, default_section="\x00none")
         try:
-            with path.open(encoding="utf-8") as f:
-                parser.read_file(f)
-        except (configparser.Error, UnicodeDecodeError, OSError) as exc:
-            # Never echo the exception: a parse error quotes the line, which may hold a secret.
-            line = getattr(exc, "lineno", None)
-            at = f" (line {line})" if line is not None else ""
-            self.problems.append(f"{path}: cannot read it as a .databrickscfg INI file{at}")
-            return {}
-
-        if profile is None:
-            default = ""
-            if parser.has_section("__settings__"):
-                default = parser.get("__settings__", "default_profile", fallback="").strip()
-            if default:
-                profile = default
-            elif parser.has_section(DEFAULT_DATABRICKSCFG_PROFILE):
-                profile = DEFAULT_DATABRICKSCFG_PROFILE
-            else:
-                return {}
-        if not parser.has_section(profile) or profile == "__settings__":
-            names = ", ".join(s for s in parser.sections() if s != "__settings__") or "none"
-            origin = profile_raw.origin if profile_raw is not None else f"{path} [__settings__]"
-            self.problems.append(
-                f"{origin}: profile [{profile}] not found in {path} (profiles: {names})"
-            )
-            return {}
-        out: dict[str, _Raw] = {}
-        for key in _DATABRICKSCFG_KEYS:
-            value = parser.get(profile, key, fallback="").strip()
-            if value:
-                secret = key in _SECRET_KEYS
-                out[key] = _Raw(
-                    value,
-                    f"{key} in profile [{profile}] ({path})",
-                    shown=None if secret else _show(value),
+            found = read_profile(path, profile)
+        except ProfileError as exc:
+            if exc.missing:
+                origin = profile_raw.origin if profile_raw is not None else (
+                    f"{path} [__settings__]"
                 )
-        return out
+                self.problems.append(f"{origin}: {exc}")
+            else:
+                self.problems.append(str(exc))
+            return {}
+        if found is None:
+            return {}
+        name, values = found
+        return {
+            key: Raw(
+                value,
+                f"{key} in profile [{name}] ({path})",
+                shown=None if key in _SECRET_KEYS else show(value),
+            )
+            for key, value in values.items()
+        }
 
     # -- [proxy] ---------------------------------------------------------
 
     def proxy(self, table: Mapping[str, object]) -> _Proxy:
         where = "[proxy]"
 
-        def src(key: str, env: str, *, flag: bool = False, secret: bool = False) -> _Raw | None:
+        def src(key: str, env: str, *, flag: bool = False, secret: bool = False) -> Raw | None:
             return self.pick(
                 self.flag(key) if flag else None,
                 self.envvar(env, secret=secret),
@@ -780,10 +528,10 @@ class _Loader:
             )
 
         admin_raw = src("admin_listen", "LAKEPROXY_ADMIN_LISTEN", flag=True)
-        admin = self.parse_opt(admin_raw, _admin_listen)
+        admin = self.parse_opt(admin_raw, as_admin_listen)
 
         password = self.parse_opt(
-            src("client_password", "LAKEPROXY_CLIENT_PASSWORD", secret=True), _secret
+            src("client_password", "LAKEPROXY_CLIENT_PASSWORD", secret=True), as_secret
         )
         cert_raw = src("tls_cert", "LAKEPROXY_TLS_CERT")
         key_raw = src("tls_key", "LAKEPROXY_TLS_KEY")
@@ -795,40 +543,40 @@ class _Loader:
             self.bad(key_raw, "needs LAKEPROXY_TLS_CERT too (set both or neither)")
         tls_raw = src("client_tls", "LAKEPROXY_CLIENT_TLS")
         have_tls = cert_raw is not None and key_raw is not None
-        client_tls: ClientTls = self.parse(tls_raw, _client_tls, "allow" if have_tls else "off")
+        client_tls: ClientTls = self.parse(tls_raw, as_client_tls, "allow" if have_tls else "off")
         if tls_raw is not None and client_tls != "off" and not have_tls:
             self.bad(tls_raw, "needs LAKEPROXY_TLS_CERT and LAKEPROXY_TLS_KEY")
 
         deadline = self.parse(
             src("connect_deadline", "LAKEPROXY_CONNECT_DEADLINE"),
-            _duration(positive=True), DEFAULT_CONNECT_DEADLINE,
+            as_duration(positive=True), DEFAULT_CONNECT_DEADLINE,
         )
         max_clients = self.parse(
-            src("max_clients", "LAKEPROXY_MAX_CLIENTS"), _positive_int, DEFAULT_MAX_CLIENTS
+            src("max_clients", "LAKEPROXY_MAX_CLIENTS"), as_positive_int, DEFAULT_MAX_CLIENTS
         )
         grace = self.parse(
             src("shutdown_grace", "LAKEPROXY_SHUTDOWN_GRACE"),
-            _duration(positive=False), DEFAULT_SHUTDOWN_GRACE,
+            as_duration(positive=False), DEFAULT_SHUTDOWN_GRACE,
         )
         log_format: LogFormat = self.parse(
-            src("log_format", "LAKEPROXY_LOG_FORMAT", flag=True), _log_format, "text"
+            src("log_format", "LAKEPROXY_LOG_FORMAT", flag=True), as_log_format, "text"
         )
         log_level: LogLevel = self.parse(
-            src("log_level", "LAKEPROXY_LOG_LEVEL", flag=True), _log_level, "info"
+            src("log_level", "LAKEPROXY_LOG_LEVEL", flag=True), as_log_level, "info"
         )
         allow_remote = self.parse(
-            src("allow_remote_trust", "LAKEPROXY_ALLOW_REMOTE_TRUST", flag=True), _bool, False
+            src("allow_remote_trust", "LAKEPROXY_ALLOW_REMOTE_TRUST", flag=True), as_bool, False
         )
         pool_idle = self.parse(
             src("pool_idle_timeout", "LAKEPROXY_POOL_IDLE_TIMEOUT"),
-            _duration(positive=True), DEFAULT_POOL_IDLE_TIMEOUT,
+            as_duration(positive=True), DEFAULT_POOL_IDLE_TIMEOUT,
         )
         pool_max_idle = self.parse(
-            src("pool_max_idle", "LAKEPROXY_POOL_MAX_IDLE"), _positive_int, DEFAULT_POOL_MAX_IDLE
+            src("pool_max_idle", "LAKEPROXY_POOL_MAX_IDLE"), as_positive_int, DEFAULT_POOL_MAX_IDLE
         )
         pool_lifetime = self.parse(
             src("pool_lifetime", "LAKEPROXY_POOL_LIFETIME"),
-            _duration(positive=True), DEFAULT_POOL_LIFETIME,
+            as_duration(positive=True), DEFAULT_POOL_LIFETIME,
         )
         return _Proxy(
             admin_listen=admin,
@@ -854,7 +602,7 @@ class _Loader:
         self,
         tables: list[Mapping[str, object]],
         proxy_table: Mapping[str, object],
-        default_user: _Raw | None,
+        default_user: Raw | None,
         proxy: _Proxy,
     ) -> tuple[EndpointConfig, ...]:
         listen_override = self.pick(self.flag("listen"), self.envvar("LAKEPROXY_LISTEN"))
@@ -870,12 +618,11 @@ class _Loader:
         seen: dict[tuple[str, str, int, str | None], int] = {}
         # pool_mode: the environment, else the endpoint's table, else [proxy] (each
         # parsed once, so a bad value is one problem however many endpoints).
+        pool_env = self.envvar("LAKEPROXY_POOL_MODE")
         pool_default: PoolMode = self.parse(
-            self.pick(self.envvar("LAKEPROXY_POOL_MODE"),
-                      self.fileval(proxy_table, "[proxy]", "pool_mode")),
-            _pool_mode, "off",
+            self.pick(pool_env, self.fileval(proxy_table, "[proxy]", "pool_mode")),
+            as_pool_mode, "off",
         )
-        pool_env = self.envvar("LAKEPROXY_POOL_MODE") is not None
         for index, table in enumerate(tables or [{}], 1):
             where = self.endpoint_where(index, len(tables))
             use_env = len(tables) <= 1
@@ -883,7 +630,7 @@ class _Loader:
                 listen_override, self.fileval(table, where, "listen"), proxy_listen
             )
             default_listen: tuple[Listener, ...] = (parse_listener(DEFAULT_LISTEN),)
-            listen = self.parse(listen_raw, _listeners, default_listen)
+            listen = self.parse(listen_raw, as_listeners, default_listen)
             ep = self.endpoint(table, where, bool(tables), use_env, listen, default_user)
             for lst in listen:
                 ident = (lst.kind, lst.host, lst.port, lst.path)
@@ -909,9 +656,9 @@ class _Loader:
                 ):
                     self.bad(proxy.admin_raw, f"{lst.describe()} is also a client listener")
             pool_mode = pool_default
-            if not pool_env:
+            if pool_env is None:
                 pool_mode = self.parse(
-                    self.fileval(table, where, "pool_mode"), _pool_mode, pool_default
+                    self.fileval(table, where, "pool_mode"), as_pool_mode, pool_default
                 )
             if ep is not None:
                 out.append(dataclasses.replace(ep, pool_mode=pool_mode))
@@ -924,13 +671,13 @@ class _Loader:
         in_file: bool,
         use_env: bool,
         listen: tuple[Listener, ...],
-        default_user: _Raw | None,
+        default_user: Raw | None,
     ) -> EndpointConfig | None:
         """One endpoint from its file table (maybe empty) and, if ``use_env``, PG* vars."""
-        def env(name: str) -> _Raw | None:
+        def env(name: str) -> Raw | None:
             return self.envvar(name) if use_env else None
 
-        def src(key: str, envname: str) -> _Raw | None:
+        def src(key: str, envname: str) -> Raw | None:
             return self.pick(env(envname), self.fileval(table, where, key))
 
         # Identity: the environment's pair replaces the file's as a whole.
@@ -938,8 +685,8 @@ class _Loader:
         if name_raw is None and inst_raw is None:
             name_raw = self.fileval(table, where, "name")
             inst_raw = self.fileval(table, where, "instance")
-        name = self.parse_opt(name_raw, _endpoint_name)
-        instance = self.parse_opt(inst_raw, _text)
+        name = self.parse_opt(name_raw, as_endpoint_name)
+        instance = self.parse_opt(inst_raw, as_text)
         if name_raw is not None and inst_raw is not None:
             self.problems.append(
                 f"{name_raw.origin} and {inst_raw.origin}: set only one (ENDPOINT_NAME for "
@@ -954,18 +701,18 @@ class _Loader:
                     "projects/<p>/branches/<b>/endpoints/<e> for autoscaling)"
                 )
 
-        host = self.parse_opt(src("host", "PGHOST"), _pg_host)
-        hostaddr = self.parse_opt(src("hostaddr", "PGHOSTADDR"), _ip_address)
-        port = self.parse(src("port", "PGPORT"), _pg_port, DEFAULT_PGPORT)
-        database = self.parse(src("database", "PGDATABASE"), _text, DEFAULT_DATABASE)
+        host = self.parse_opt(src("host", "PGHOST"), as_pg_host)
+        hostaddr = self.parse_opt(src("hostaddr", "PGHOSTADDR"), as_ip_address)
+        port = self.parse(src("port", "PGPORT"), as_pg_port, DEFAULT_PGPORT)
+        database = self.parse(src("database", "PGDATABASE"), as_text, DEFAULT_DATABASE)
         user_raw = self.pick(src("user", "PGUSER"), default_user)
-        user = self.parse_opt(user_raw, _text)
+        user = self.parse_opt(user_raw, as_text)
         if user_raw is None and self.any_auth:
             self.missing(
                 (f"{where} user ({self.file_label})" if not use_env else "PGUSER")
                 + ": required when DATABRICKS_CLIENT_ID is unset (the Postgres role to log in as)"
             )
-        sslmode = self.parse(src("sslmode", "PGSSLMODE"), _sslmode, DEFAULT_SSLMODE)
+        sslmode = self.parse(src("sslmode", "PGSSLMODE"), as_sslmode, DEFAULT_SSLMODE)
         rootcert = self.parse(src("sslrootcert", "PGSSLROOTCERT"), self.sslrootcert, "system")
         if user is None:
             return None
@@ -976,6 +723,8 @@ class _Loader:
 
 
 @dataclass(frozen=True, slots=True)
+
+
 class _Proxy:
     """The resolved [proxy] part, plus what the endpoint checks need."""
 
@@ -990,7 +739,7 @@ class _Proxy:
     log_format: LogFormat
     log_level: LogLevel
     allow_remote_trust: bool
-    admin_raw: _Raw | None
+    admin_raw: Raw | None
     pool_idle_timeout: float = DEFAULT_POOL_IDLE_TIMEOUT
     pool_max_idle: int = DEFAULT_POOL_MAX_IDLE
     pool_lifetime: float = DEFAULT_POOL_LIFETIME
@@ -1002,189 +751,3 @@ class _Proxy:
 
 
 # --------------------------------------------------------------------------
-# Converters: _Raw -> value, raising _Bad(reason)
-
-
-def _did_you_mean(key: str, known: tuple[str, ...] | Mapping[str, object]) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean {close[0]}?)" if close else ""
-
-
-def _text(raw: _Raw) -> str:
-    if not isinstance(raw.value, str):
-        raise _Bad("must be a string")
-    text = raw.value.strip()
-    if not text:
-        raise _Bad("must not be empty")
-    return text
-
-
-def _secret(raw: _Raw) -> str:
-    if not isinstance(raw.value, str):
-        raise _Bad("must be a string")
-    if not raw.value:
-        raise _Bad("must not be empty")
-    return raw.value
-
-
-def _int(raw: _Raw) -> int:
-    value = raw.value
-    if isinstance(value, bool):
-        raise _Bad("must be an integer")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    raise _Bad("must be an integer")
-
-
-def _positive_int(raw: _Raw) -> int:
-    try:
-        n = _int(raw)
-    except _Bad:
-        n = 0
-    if n <= 0:
-        raise _Bad("must be a positive integer")
-    return n
-
-
-def _pg_port(raw: _Raw) -> int:
-    try:
-        n = _int(raw)
-    except _Bad:
-        n = 0
-    if not 1 <= n <= 65535:
-        raise _Bad("must be a port number from 1 to 65535")
-    return n
-
-
-def _duration(*, positive: bool) -> Callable[[_Raw], float]:
-    def conv(raw: _Raw) -> float:
-        value = raw.value
-        if isinstance(value, bool):
-            raise _Bad('must be a duration such as "30", "30s", "200ms" or "2m"')
-        if isinstance(value, int | float):
-            seconds = float(value)
-        elif isinstance(value, str):
-            try:
-                seconds = parse_duration(value)
-            except ValueError as exc:
-                raise _Bad(str(exc)) from None
-        else:
-            raise _Bad('must be a duration such as "30", "30s", "200ms" or "2m"')
-        if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
-            raise _Bad("must be more than 0 seconds" if positive else "must not be negative")
-        return seconds
-
-    return conv
-
-
-def _bool(raw: _Raw) -> bool:
-    if isinstance(raw.value, bool):
-        return raw.value
-    if isinstance(raw.value, str):
-        text = raw.value.strip().lower()
-        if text in _TRUE:
-            return True
-        if text in _FALSE:
-            return False
-    raise _Bad("must be true or false")
-
-
-def _choice(options: tuple[str, ...]) -> Callable[[_Raw], str]:
-    def conv(raw: _Raw) -> str:
-        if isinstance(raw.value, str) and raw.value.strip().lower() in options:
-            return raw.value.strip().lower()
-        raise _Bad(f"must be one of {', '.join(options)}")
-
-    return conv
-
-
-def _sslmode(raw: _Raw) -> SslMode:
-    if isinstance(raw.value, str) and raw.value.strip().lower() in ("disable", "allow", "prefer"):
-        raise _Bad(
-            "must be one of require, verify-ca, verify-full (lakeproxy always uses TLS "
-            "to the endpoint)"
-        )
-    return cast(SslMode, _choice(get_args(SslMode))(raw))
-
-
-def _client_tls(raw: _Raw) -> ClientTls:
-    return cast(ClientTls, _choice(get_args(ClientTls))(raw))
-
-
-def _pool_mode(raw: _Raw) -> PoolMode:
-    return cast(PoolMode, _choice(get_args(PoolMode))(raw))
-
-
-def _log_format(raw: _Raw) -> LogFormat:
-    return cast(LogFormat, _choice(get_args(LogFormat))(raw))
-
-
-def _log_level(raw: _Raw) -> LogLevel:
-    if isinstance(raw.value, str) and raw.value.strip().lower() == "warn":
-        return "warning"
-    return cast(LogLevel, _choice(get_args(LogLevel))(raw))
-
-
-def _listeners(raw: _Raw) -> tuple[Listener, ...]:
-    value = raw.value
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        value = ",".join(cast(list[str], value))
-    if not isinstance(value, str):
-        raise _Bad('must be a string such as "127.0.0.1:6432" (or a list of them)')
-    try:
-        return parse_listeners(value)
-    except ValueError as exc:
-        raise _Bad(str(exc)) from None
-
-
-def _admin_listen(raw: _Raw) -> tuple[str, int] | None:
-    text = _text(raw)
-    if text.lower() == "off":
-        return None
-    try:
-        return parse_host_port(text)
-    except ValueError as exc:
-        raise _Bad(str(exc)) from None
-
-
-def _databricks_host(raw: _Raw) -> str:
-    text = _text(raw)
-    example = "https://<workspace>.cloud.databricks.com"
-    try:
-        url = urllib.parse.urlsplit(text)
-        url.port  # noqa: B018 -- raises ValueError on a bad port
-    except ValueError:
-        raise _Bad(f"must be a URL such as {example}") from None
-    if url.scheme not in ("https", "http") or not url.hostname:
-        raise _Bad(f"must start with https://, e.g. {example}")
-    if url.username is not None or url.password is not None:
-        raise _Bad("must not contain a user name or password")
-    if url.scheme == "http" and not is_loopback_host(url.hostname):
-        raise _Bad("must use https:// (http:// is allowed only to a loopback address)")
-    return f"{url.scheme}://{url.netloc}"
-
-
-def _endpoint_name(raw: _Raw) -> str:
-    text = _text(raw)
-    if _ENDPOINT_NAME_RE.fullmatch(text) is None:
-        raise _Bad("must look like projects/<project>/branches/<branch>/endpoints/<endpoint>")
-    return text
-
-
-def _pg_host(raw: _Raw) -> str:
-    text = _text(raw)
-    if text.startswith("/") or "," in text:
-        raise _Bad("must be one host name (unix sockets and host lists are not supported)")
-    if not _is_host(text):
-        raise _Bad("must be a host name or IP address")
-    return text
-
-
-def _ip_address(raw: _Raw) -> str:
-    text = _text(raw)
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        raise _Bad("must be an IP address") from None

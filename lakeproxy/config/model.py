@@ -1,0 +1,154 @@
+"""The configuration's shape: frozen dataclasses, their defaults and literal types.
+
+Nothing here reads a file or the environment; :mod:`lakeproxy.config.load`
+builds these from the sources.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final, Literal
+
+SslMode = Literal["require", "verify-ca", "verify-full"]
+ClientTls = Literal["off", "allow", "require"]
+LogFormat = Literal["text", "json"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+PoolMode = Literal["off", "session"]
+
+DEFAULT_LISTEN: Final = "127.0.0.1:6432"
+DEFAULT_PGPORT: Final = 5432
+DEFAULT_DATABASE: Final = "databricks_postgres"
+DEFAULT_SSLMODE: Final[SslMode] = "verify-full"
+DEFAULT_SSLROOTCERT: Final = "system"
+DEFAULT_CONNECT_DEADLINE: Final = 60.0
+DEFAULT_MAX_CLIENTS: Final = 1000
+DEFAULT_SHUTDOWN_GRACE: Final = 30.0
+DEFAULT_UNIX_PORT: Final = 6432
+# Session reuse (SPEC "Session reuse").
+DEFAULT_POOL_IDLE_TIMEOUT: Final = 60.0
+DEFAULT_POOL_MAX_IDLE: Final = 10
+DEFAULT_POOL_LIFETIME: Final = 3600.0
+
+
+# --------------------------------------------------------------------------
+# The configuration
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """One address lakeproxy accepts clients on.
+
+    ``tcp``: ``host`` is the address or name to bind, ``path`` is None; port 0
+    lets the kernel pick one. ``unix``: ``host`` is the socket directory and
+    ``path`` the socket file ``DIR/.s.PGSQL.PORT`` (the name libpq looks for).
+    """
+
+    kind: Literal["tcp", "unix"]
+    host: str
+    port: int
+    path: str | None = None
+
+    @property
+    def is_loopback(self) -> bool:
+        """True when only this machine can reach the listener (unix sockets included)."""
+        return self.kind == "unix" or is_loopback_host(self.host)
+
+    def describe(self) -> str:
+        """``127.0.0.1:6432``, ``[::1]:6432`` or ``unix:/tmp/.s.PGSQL.6432``."""
+        if self.kind == "unix":
+            return f"unix:{self.path}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndpointConfig:
+    """One Lakebase endpoint and the listeners that lead to it.
+
+    Exactly one of ``name`` (autoscaling, ``projects/<p>/branches/<b>/endpoints/<e>``)
+    and ``instance`` (provisioned) is set. ``host`` None means: look it up with the
+    Databricks API. ``hostaddr`` is dialled instead of resolving ``host``.
+    """
+
+    name: str | None = None
+    instance: str | None = None
+    host: str | None = None
+    hostaddr: str | None = None
+    port: int = DEFAULT_PGPORT
+    database: str = DEFAULT_DATABASE
+    user: str
+    sslmode: SslMode = DEFAULT_SSLMODE
+    sslrootcert: str = DEFAULT_SSLROOTCERT
+    listen: tuple[Listener, ...] = (Listener("tcp", "127.0.0.1", 6432),)
+    #: Session reuse for this endpoint's clients (SPEC "Session reuse").
+    pool_mode: PoolMode = "off"
+
+    @property
+    def label(self) -> str:
+        """The endpoint name or the instance name, for logs."""
+        return self.name or self.instance or "?"
+
+
+@dataclass(frozen=True, slots=True)
+class DatabricksConfig:
+    """The workspace identity shared by every endpoint.
+
+    Exactly one auth method is usable: ``client_id`` + ``client_secret`` (OAuth
+    M2M), or ``token`` (then ``client_id``, if set, only provides the default role).
+    """
+
+    host: str
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)
+
+    @property
+    def auth_method(self) -> Literal["oauth-m2m", "token"]:
+        """``oauth-m2m`` when a client secret is set, else ``token``."""
+        return "oauth-m2m" if self.client_secret is not None else "token"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    """Everything lakeproxy needs to run. Build it with :func:`load_config`."""
+
+    databricks: DatabricksConfig
+    endpoints: tuple[EndpointConfig, ...]
+    admin_listen: tuple[str, int] | None = None
+    client_password: str | None = field(default=None, repr=False)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    client_tls: ClientTls = "off"
+    connect_deadline: float = DEFAULT_CONNECT_DEADLINE
+    max_clients: int = DEFAULT_MAX_CLIENTS
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    log_format: LogFormat = "text"
+    log_level: LogLevel = "info"
+    allow_remote_trust: bool = False
+    #: Bounds of parked sessions (session reuse): seconds, count per key, seconds.
+    pool_idle_timeout: float = DEFAULT_POOL_IDLE_TIMEOUT
+    pool_max_idle: int = DEFAULT_POOL_MAX_IDLE
+    pool_lifetime: float = DEFAULT_POOL_LIFETIME
+    config_file: Path | None = None
+    #: The command-line flags this config was loaded with (``argv`` items, plus
+    #: ``config`` when a file was given explicitly), for :func:`reload_config`.
+    flags: tuple[tuple[str, str | bool], ...] = field(default=(), repr=False)
+
+
+# --------------------------------------------------------------------------
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost``, 127.0.0.0/8, ``::1`` (and IPv4-mapped 127/8)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped.is_loopback
+    return addr.is_loopback
