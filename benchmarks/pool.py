@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
@@ -87,6 +88,7 @@ class CountingRelay:
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
     _server: asyncio.Server | None = None
+    _main: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         ready = threading.Event()
@@ -96,15 +98,22 @@ class CountingRelay:
             self._loop = loop
 
             async def main() -> None:
+                self._main = asyncio.current_task()
                 self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
                 self.port = self._server.sockets[0].getsockname()[1]
                 ready.set()
-                async with self._server:
+                try:
                     await self._server.serve_forever()
+                finally:
+                    self._server.close()
+                    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
 
             try:
                 loop.run_until_complete(main())
-            except (asyncio.CancelledError, RuntimeError):
+            except asyncio.CancelledError:
                 pass
             finally:
                 loop.close()
@@ -114,17 +123,9 @@ class CountingRelay:
         ready.wait(10)
 
     def stop(self) -> None:
-        loop, server = self._loop, self._server
-        if loop is not None and server is not None:
-
-            async def shut() -> None:
-                server.close()
-                tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-                for t in tasks:
-                    t.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-
-            asyncio.run_coroutine_threadsafe(shut(), loop).result(10)
+        loop, main = self._loop, self._main
+        if loop is not None and main is not None:
+            loop.call_soon_threadsafe(main.cancel)
         if self._thread is not None:
             self._thread.join(10)
 
@@ -136,6 +137,10 @@ class CountingRelay:
         return sum(c.turns for c in self.conns) + len(self.conns)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # stop(): end quietly
+            await self._relay(reader, writer)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn()
         self.conns.append(conn)
         _nodelay(writer)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal, Protocol
@@ -103,7 +102,8 @@ class Lease:
     parameters: dict[str, str]
     #: Bytes after ReadyForQuery to relay first: none for a parked session.
     trailing: bytes = b""
-    created: float = field(default_factory=time.monotonic)
+    #: When the endpoint session was logged in (the event loop's clock).
+    created: float = 0.0
     parked_at: float = 0.0
     uses: int = 0
     _timer: asyncio.TimerHandle | None = None
@@ -127,7 +127,8 @@ class Lease:
                     pid, secret = msg.process_id, msg.secret
         if pid is None:
             return None
-        return cls(transport, key, pid, secret, params)
+        return cls(transport, key, pid, secret, params,
+                   created=asyncio.get_running_loop().time())
 
     @property
     def startup_messages(self) -> list[bytes]:
