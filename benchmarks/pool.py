@@ -263,9 +263,10 @@ class PoolBench:
             log(f"round {rnd + 1}/{self.args.rounds}: {', '.join(order)}")
             for name in order:
                 self.connect(self.stack.targets[name])
-            for name in order:
-                if name.startswith("lakeproxy"):
-                    self.s8(self.stack.targets[name])
+            # -c 8 pairs the two lakeproxy modes back to back, each first every other round.
+            pair = [n for n in names if n.startswith("lakeproxy")]
+            for name in pair if rnd % 2 == 0 else pair[::-1]:
+                self.s8(self.stack.targets[name])
 
     def round_trips(self) -> dict[str, dict[str, float]]:
         """Endpoint round trips and login time per login, pool off vs session."""

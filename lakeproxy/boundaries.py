@@ -154,7 +154,9 @@ class _Track:
                     if pos + 5 != n:
                         self.dirty = True  # bytes after Terminate
                     self.up_skip = 0
-                    self._up_done(last, answered)
+                    if last != _NO_MESSAGE:
+                        self.last = last
+                    self.pending += answered
                     return pos
                 if t not in _COPY_FROM_CLIENT:  # Query, Sync, FunctionCall
                     answered += 1
@@ -167,13 +169,10 @@ class _Track:
             self.up_skip = 0
         else:
             self.up_skip = pos - n
-        self._up_done(last, answered)
-        return -1
-
-    def _up_done(self, last: int, answered: int) -> None:
         if last != _NO_MESSAGE:
             self.last = last
         self.pending += answered
+        return -1
 
     # -- endpoint -> client ---------------------------------------------------------
 
