@@ -27,18 +27,19 @@ not clean: the cost of a wrong "not clean" is one login, the cost of a wrong
 Measured cost (CPU time, uvloop, Python 3.11; shared 2-core VM):
 
 - the walk alone (``python -m benchmarks.boundaries_micro``,
-  results/boundaries_micro-20261204.json): 0.85 µs per simple-protocol
+  results/boundaries_micro-20261204.json): 0.82 µs per simple-protocol
   transaction (Query up; RowDescription, DataRow, CommandComplete,
-  ReadyForQuery down), 1.07 µs with a prepared statement (Bind, Execute, Sync
+  ReadyForQuery down), 1.02 µs with a prepared statement (Bind, Execute, Sync
   up), 1.2 µs per MB in bulk (a large message is skipped by arithmetic, its
   body never touched). Written for that: one ``Struct.unpack_from`` and one
   frozenset lookup per message, locals in the loop, counters written back
-  once per read; the previous shape (attribute updates per message, two
-  lookups) measured ~0.9 µs;
-- in the whole proxy (``python -m benchmarks.pool``, results/pool-*.md):
-  ``pgbench -S -c 8`` costs 0.98x (rounds 0.98-1.10x) the proxy CPU per
-  transaction of ``off`` mode, within the machine's noise; a relayed round trip
-  costs ~20 µs either way.
+  once per read; the first shape (attribute updates per message, two
+  lookups, a helper call per read) measured 0.89-0.91 µs;
+- in the whole proxy (``python -m benchmarks.pool``,
+  results/pool-20261204-1856.md, 5 rounds): ``pgbench -S -c 8`` costs 0.98x
+  the proxy CPU per transaction of ``off`` mode (rounds 0.86-1.20x: the
+  machine's noise is larger than the walk, which is ~2% of the ~40 µs a
+  transaction costs the proxy).
 
 This module imports nothing from :mod:`lakeproxy.wire` (the headers are read
 with :mod:`struct`, as the splice's own framing would be).
