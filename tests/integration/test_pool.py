@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import shutil
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -589,3 +591,30 @@ async def test_parked_sessions_make_room_at_the_endpoints_connection_limit(
         assert await third.value("SELECT 1") == "1"
         await third.terminate()
     assert metric(p, "lakeproxy_pool_discards_total", reason="max_idle") >= 1
+
+
+JDBC_JAR = Path("/usr/share/java/postgresql.jar")
+JDBC_CHECK = Path(__file__).resolve().parent.parent / "data" / "jdbc" / "PoolCheck.java"
+
+
+async def test_jdbc_reuses_one_backend_and_sees_a_clean_session(
+    emulator: Emulator, proxy: ProxyFactory,
+) -> None:
+    """pgjdbc (extended protocol, named server-side statements, a transaction left
+    open at close) three times in a row: one backend, nothing left over."""
+    java = shutil.which("java")
+    assert java is not None, "java is needed (apt-get install default-jre-headless)"
+    assert JDBC_JAR.is_file(), "the PostgreSQL JDBC driver is needed (libpostgresql-jdbc-java)"
+    async with asyncio.timeout(120):
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
+        url = (f"jdbc:postgresql://127.0.0.1:{p.port}/{DATABASE}"
+               f"?sslmode=disable&ApplicationName={_name()}")
+        proc = await asyncio.create_subprocess_exec(
+            java, "-cp", str(JDBC_JAR), str(JDBC_CHECK), url, "3", "500",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    rows = [line.split("|") for line in out.decode().splitlines()]
+    assert len(rows) == 3
+    assert len({r[0] for r in rows}) == 1  # the same backend each time
+    assert [r[1:] for r in rows] == [['"$user", public', "0", emulator.role]] * 3
