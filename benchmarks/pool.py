@@ -144,39 +144,44 @@ class CountingRelay:
         conn = _Conn()
         self.conns.append(conn)
         _nodelay(writer)
-        if self.one_way:
-            await asyncio.sleep(2 * self.one_way)  # the TCP handshake's round trip
+        writers = [writer]
         try:
-            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        except OSError:
-            writer.close()
-            return
-        _nodelay(up_writer)
-        await asyncio.gather(
-            self._pump(reader, up_writer, conn, "to"),
-            self._pump(up_reader, writer, conn, "from"),
-            return_exceptions=True,
-        )
-        for w in (writer, up_writer):
-            w.close()
+            if self.one_way:
+                await asyncio.sleep(2 * self.one_way)  # the TCP handshake's round trip
+            try:
+                up_reader, up_writer = await asyncio.open_connection(
+                    "127.0.0.1", self.target_port)
+            except OSError:
+                return
+            writers.append(up_writer)
+            _nodelay(up_writer)
+            await asyncio.gather(
+                self._pump(reader, up_writer, conn, "to"),
+                self._pump(up_reader, writer, conn, "from"),
+                return_exceptions=True,
+            )
+        finally:
+            for w in writers:
+                w.close()
+            for w in writers:
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await w.wait_closed()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                     conn: _Conn, direction: str) -> None:
         loop = asyncio.get_running_loop()
-        try:
-            while data := await reader.read(65536):
-                if direction == "from" and conn.last == "to":
-                    conn.turns += 1
-                conn.last = direction
-                if self.one_way:
-                    loop.call_later(self.one_way, _write, writer, data)
-                else:
-                    writer.write(data)
-        finally:
+        while data := await reader.read(65536):
+            if direction == "from" and conn.last == "to":
+                conn.turns += 1
+            conn.last = direction
             if self.one_way:
-                await asyncio.sleep(self.one_way)
-            if writer.can_write_eof():
-                writer.write_eof()
+                loop.call_later(self.one_way, _write, writer, data)
+            else:
+                writer.write(data)
+        if self.one_way:
+            await asyncio.sleep(self.one_way)  # what is still delayed goes first
+        if writer.can_write_eof() and not writer.is_closing():
+            writer.write_eof()
 
 
 def _nodelay(writer: asyncio.StreamWriter) -> None:

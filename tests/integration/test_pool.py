@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import shutil
+import signal
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -618,3 +620,26 @@ async def test_jdbc_reuses_one_backend_and_sees_a_clean_session(
     assert len(rows) == 3
     assert len({r[0] for r in rows}) == 1  # the same backend each time
     assert [r[1:] for r in rows] == [['"$user", public', "0", emulator.role]] * 3
+
+
+async def test_a_reset_that_hangs_closes_the_session(
+    emulator: Emulator, proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The backend stops answering (SIGSTOP) when the client leaves: the reset
+    times out, the session is closed, and the next client gets a fresh one."""
+    monkeypatch.setattr(pool_module, "RESET_TIMEOUT", 0.5)
+    app = _name()
+    async with asyncio.timeout(30):
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
+        a = await login(p, app)
+        os.kill(a.pid, signal.SIGSTOP)
+        try:
+            await a.terminate()
+
+            async def failed() -> bool:
+                return metric(p, "lakeproxy_pool_discards_total", reason="reset_failed") == 1
+            await eventually(failed, timeout=10)
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        assert len(p.server.pool) == 0
+        assert await _next_pid(p, app) != a.pid
