@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
+import resource
 import socket
 import ssl
 import stat
@@ -22,13 +24,32 @@ from dataclasses import dataclass
 from lakeproxy.cancel import CancelRegistry
 from lakeproxy.config import Config, EndpointConfig, Listener
 from lakeproxy.errors import LakeproxyError, ShuttingDown, TooManyConnections
+from lakeproxy.fds import FDS_HEADROOM, free_fds
+from lakeproxy.listen import Acceptor, bind_tcp, bind_unix
 from lakeproxy.log import fields as log_fields
 from lakeproxy.metrics import Metrics
 from lakeproxy.pool import Pool
 from lakeproxy.readiness import not_ready_reason
 from lakeproxy.session import ClientAuthenticator, ClientProtocol, Dialer, Session, SessionHooks
+from lakeproxy.wire import sqlstate
+from lakeproxy.wire.codec import encode, error_response
 
 log = logging.getLogger("lakeproxy.server")
+
+#: Seconds between two warnings about connections closed for the pre-login budget.
+_EVICTION_LOG_INTERVAL = 60.0
+
+#: Seconds /readyz stays 503 after an accept failed for lack of descriptors.
+FD_EXHAUSTED_MEMORY = 5.0
+#: Seconds between two warnings about connections refused for lack of descriptors.
+_FD_LOG_INTERVAL = 10.0
+
+#: What a client accepted with the reserve descriptor gets (then the close).
+_FD_REFUSAL = encode(error_response(
+    sqlstate.TOO_MANY_CONNECTIONS,
+    "lakeproxy: sorry, out of file descriptors",
+    hint="the proxy's open files limit is reached; retry later",
+))
 
 
 @dataclass(slots=True)
@@ -55,7 +76,15 @@ class ProxyServer:
         self.config = config
         self.endpoints = list(endpoints)
         self.metrics = metrics
+        #: Every open connection (drain closes them).
         self.sessions: set[Session] = set()
+        #: Connections in their pre-login phase, oldest first (their own budget
+        #: of ``max_clients``: past it, the oldest is closed).
+        self._logging_in: dict[Session, None] = {}
+        #: Connections past it: these count against ``max_clients``.
+        self._clients: set[Session] = set()
+        self._evicted = 0
+        self._evicted_logged_at = -_EVICTION_LOG_INTERVAL
         self.cancels: CancelRegistry[Dialer] = CancelRegistry()
         #: Parked endpoint sessions (used by endpoints with pool_mode "session").
         self.pool = Pool(
@@ -65,22 +94,41 @@ class ProxyServer:
         self.listening = False
         self.draining = False
         self.max_clients = config.max_clients
-        self._servers: list[asyncio.Server] = []
+        self._acceptors: list[Acceptor] = []
+        self._fd_exhausted_at = -FD_EXHAUSTED_MEMORY
+        self._fd_refusals = 0
+        self._fd_logged_at = -_FD_LOG_INTERVAL
         self._authenticator = authenticator
         self._tls_context = tls_context
         self._unix_paths: list[str] = []
         self._current: list[SessionHooks] = []
         self.bound: list[str] = []
+        #: The listeners actually open (a reload does not change them; a restart does).
+        self.open_listeners: list[Listener] = []
         metrics.set_live_bytes(self._live_bytes)
 
     # -- ReadinessSource ---------------------------------------------------
 
     @property
     def active_clients(self) -> int:
-        return len(self.sessions)
+        """Clients past their pre-login phase (what ``max_clients`` limits)."""
+        return len(self._clients)
+
+    @property
+    def logging_in(self) -> int:
+        """Connections still in their pre-login phase."""
+        return len(self._logging_in)
 
     def credentials_ready(self) -> bool:
         return all(ep.credentials_ready() for ep in self.endpoints)
+
+    def can_accept(self) -> bool:
+        """False when too few file descriptors are free to take one more client,
+        or an accept failed for lack of them within the last few seconds."""
+        if time.monotonic() - self._fd_exhausted_at < FD_EXHAUSTED_MEMORY:
+            return False
+        free = free_fds()
+        return free is None or free >= FDS_HEADROOM
 
     def _live_bytes(self) -> tuple[int, int]:
         """Bytes spliced so far by sessions not yet counted as finished (read per scrape)."""
@@ -95,7 +143,6 @@ class ProxyServer:
 
     async def start(self) -> None:
         """Bind every listener; raises OSError if one cannot be bound."""
-        loop = asyncio.get_running_loop()
         self._current = [self._hooks(ep) for ep in self.endpoints]
         try:
             for index, ep in enumerate(self.endpoints):
@@ -108,37 +155,51 @@ class ProxyServer:
 
                 for listener in ep.config.listen:
                     try:
-                        server = await self._bind(loop, listener, factory)
+                        socks = await self._bind(listener)
                     except OSError as exc:
                         raise bind_error(f"cannot listen on {listener.describe()}", exc) from exc
-                    self._servers.append(server)
+                    for sock in socks:
+                        self._acceptors.append(Acceptor(
+                            sock, factory, refusal=_FD_REFUSAL, on_exhausted=self._fd_exhausted,
+                        ))
+                    self.open_listeners.append(_as_bound(listener, socks))
         except BaseException:
             await self.close_listeners()
             raise
         self.listening = True
 
-    async def _bind(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        listener: Listener,
-        factory: Callable[[], ClientProtocol],
-    ) -> asyncio.Server:
+    async def _bind(self, listener: Listener) -> list[socket.socket]:
+        """The listening sockets of ``listener`` (not yet accepting)."""
         if listener.kind == "unix" and listener.path is not None:
             path = listener.path  # DIR/.s.PGSQL.PORT, the name libpq looks for
             _remove_stale_socket(path)
-            server = await loop.create_unix_server(factory, path=path, backlog=1024)
+            sock = bind_unix(path)
             # As PostgreSQL's default unix_socket_permissions; the directory guards access.
             os.chmod(path, 0o777)  # noqa: S103
             self._unix_paths.append(path)
             self.bound.append(f"unix:{path}")
-            return server
-        server = await loop.create_server(
-            factory, host=listener.host, port=listener.port, backlog=1024, reuse_address=True
-        )
-        for sock in server.sockets:
+            return [sock]
+        socks = await bind_tcp(listener.host, listener.port)
+        for sock in socks:
             host, port = sock.getsockname()[:2]
             self.bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        return server
+        return socks
+
+    def _fd_exhausted(self, exc: OSError) -> None:
+        """An accept failed for lack of descriptors (the client got 53300): count, log."""
+        self.metrics.connection_refused("too_many")
+        self.metrics.accept_fd_exhausted()
+        now = time.monotonic()
+        self._fd_exhausted_at = now
+        self._fd_refusals += 1
+        if now - self._fd_logged_at >= _FD_LOG_INTERVAL:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            log.warning(
+                "refused %d connection(s): out of file descriptors (%s; open files limit %d); "
+                "raise the limit (ulimit -n, LimitNOFILE=) or lower LAKEPROXY_MAX_CLIENTS",
+                self._fd_refusals, exc.strerror or exc, soft,
+            )
+            self._fd_refusals, self._fd_logged_at = 0, now
 
     def reconfigure(
         self,
@@ -174,15 +235,16 @@ class ProxyServer:
 
     def bound_port(self, index: int = 0) -> int:
         """Port of the ``index``-th TCP listener (useful when configured with port 0)."""
-        tcp = [s for srv in self._servers for s in srv.sockets if s.family != socket.AF_UNIX]
+        tcp = [a.sock for a in self._acceptors if a.sock.family != socket.AF_UNIX]
         return int(tcp[index].getsockname()[1])
 
     async def close_listeners(self) -> None:
         """Stop accepting new connections (open sessions continue)."""
         self.listening = False
-        servers, self._servers = self._servers, []
-        for server in servers:
-            server.close()
+        self.open_listeners = []
+        acceptors, self._acceptors = self._acceptors, []
+        for acceptor in acceptors:
+            acceptor.close()
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -231,16 +293,44 @@ class ProxyServer:
             authenticator=self._authenticator,
             on_upstream_connected=m.upstream_connected,
             pool=self.pool if cfg.pool_mode == "session" else None,
+            login_timeout=self.config.login_timeout,
+            enter_login=self._enter_login,
+            leave_login=self._leave_login,
         )
 
-    def _admit(self) -> LakeproxyError | None:
+    def _enter_login(self, session: Session) -> None:
+        """Count ``session`` in the pre-login budget, closing the oldest there if full.
+
+        Closing the oldest (not refusing the newest) means sockets that never
+        finish their startup cannot lock real clients out: each only holds its
+        place until newer connections arrive or LAKEPROXY_LOGIN_TIMEOUT ends it.
+        """
+        budget = max(1, self.max_clients)
+        while len(self._logging_in) >= budget:
+            oldest = next(iter(self._logging_in))
+            del self._logging_in[oldest]
+            oldest.evict()
+            self._evicted += 1
+        self._logging_in[session] = None
+        now = time.monotonic()
+        if self._evicted and now - self._evicted_logged_at >= _EVICTION_LOG_INTERVAL:
+            log.warning(
+                "%d connection(s) still logging in closed: more than %d at once "
+                "(the pre-login budget, LAKEPROXY_MAX_CLIENTS)", self._evicted, budget,
+            )
+            self._evicted, self._evicted_logged_at = 0, now
+
+    def _leave_login(self, session: Session) -> None:
+        self._logging_in.pop(session, None)
+
+    def _admit(self, session: Session) -> LakeproxyError | None:
         if self.draining:
             return ShuttingDown(
                 "shutting down",
                 client_message="lakeproxy: the proxy is shutting down",
                 hint="retry in a moment",
             )
-        if len(self.sessions) > self.max_clients:
+        if len(self._clients) >= self.max_clients:
             return TooManyConnections(
                 "too many clients",
                 client_message=(
@@ -248,13 +338,16 @@ class ProxyServer:
                 ),
                 hint="raise LAKEPROXY_MAX_CLIENTS or use fewer connections",
             )
+        self._clients.add(session)
         return None
 
     def _not_ready_for_ping(self) -> str | None:
-        # The ping's own connection is one of self.sessions: count it out.
-        return not_ready_reason(self, asking=1)
+        # The ping is still in its pre-login phase: not one of the counted clients.
+        return not_ready_reason(self)
 
     def _session_finished(self, session: Session) -> None:
+        self._clients.discard(session)
+        self._logging_in.pop(session, None)
         r = session.record
         self.metrics.session_finished(r.outcome, r.bytes_up, r.bytes_down)
         duration = time.monotonic() - r.started
@@ -280,6 +373,13 @@ class ProxyServer:
             values["endpoint_session"] = r.endpoint_session
             values["endpoint_session_reason"] = r.endpoint_session_reason
         log.log(level, "session end", extra=log_fields(**values))
+
+
+def _as_bound(listener: Listener, socks: Sequence[socket.socket]) -> Listener:
+    """``listener`` with the port the kernel picked when it asked for port 0."""
+    if listener.kind != "tcp" or listener.port != 0 or not socks:
+        return listener
+    return dataclasses.replace(listener, port=int(socks[0].getsockname()[1]))
 
 
 class _SocketPathInUse(OSError):

@@ -34,6 +34,7 @@ from lakeproxy.config.model import (
     DEFAULT_CONNECT_DEADLINE,
     DEFAULT_DATABASE,
     DEFAULT_LISTEN,
+    DEFAULT_LOGIN_TIMEOUT,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_PGPORT,
     DEFAULT_POOL_IDLE_TIMEOUT,
@@ -41,6 +42,7 @@ from lakeproxy.config.model import (
     DEFAULT_POOL_MAX_IDLE,
     DEFAULT_SHUTDOWN_GRACE,
     DEFAULT_SSLMODE,
+    PROVISIONED_KINDS,
     ClientTls,
     Config,
     DatabricksConfig,
@@ -60,6 +62,7 @@ from lakeproxy.config.values import (
     as_databricks_host,
     as_duration,
     as_endpoint_name,
+    as_host_kind,
     as_ip_address,
     as_listeners,
     as_log_format,
@@ -84,11 +87,14 @@ FILE_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
     "proxy": (
         "listen", "admin_listen", "client_password", "tls_cert", "tls_key", "client_tls",
         "connect_deadline", "max_clients", "shutdown_grace", "log_format", "log_level",
-        "allow_remote_trust", "pool_mode", "pool_idle_timeout", "pool_max_idle", "pool_lifetime",
+        "allow_remote_trust", "login_timeout",
+        "pool_mode", "pool_idle_timeout", "pool_max_idle", "pool_lifetime",
     ),
     "endpoints": (
         "name", "instance", "host", "hostaddr", "port", "database", "user", "sslmode",
-        "sslrootcert", "listen", "pool_mode",
+        "sslrootcert", "listen",
+        "host_kind",
+        "pool_mode",
     ),
 }
 
@@ -97,11 +103,13 @@ ENV_VARS: Final[tuple[str, ...]] = (
     "DATABRICKS_HOST", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET", "DATABRICKS_TOKEN",
     "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_CONFIG_FILE",
     "ENDPOINT_NAME", "LAKEBASE_INSTANCE",
+    "LAKEBASE_HOST_KIND",
     "PGHOST", "PGPORT", "PGHOSTADDR", "PGDATABASE", "PGUSER", "PGSSLMODE", "PGSSLROOTCERT",
     "LAKEPROXY_CONFIG", "LAKEPROXY_LISTEN", "LAKEPROXY_ADMIN_LISTEN", "LAKEPROXY_CLIENT_PASSWORD",
     "LAKEPROXY_TLS_CERT", "LAKEPROXY_TLS_KEY", "LAKEPROXY_CLIENT_TLS",
     "LAKEPROXY_CONNECT_DEADLINE", "LAKEPROXY_MAX_CLIENTS", "LAKEPROXY_SHUTDOWN_GRACE",
     "LAKEPROXY_LOG_FORMAT", "LAKEPROXY_LOG_LEVEL", "LAKEPROXY_ALLOW_REMOTE_TRUST",
+    "LAKEPROXY_LOGIN_TIMEOUT",
     "LAKEPROXY_POOL_MODE", "LAKEPROXY_POOL_IDLE_TIMEOUT", "LAKEPROXY_POOL_MAX_IDLE",
     "LAKEPROXY_POOL_LIFETIME",
 )
@@ -299,6 +307,7 @@ class _Loader:
             connect_deadline=proxy.connect_deadline,
             max_clients=proxy.max_clients,
             shutdown_grace=proxy.shutdown_grace,
+            login_timeout=proxy.login_timeout,
             log_format=proxy.log_format,
             log_level=proxy.log_level,
             allow_remote_trust=proxy.allow_remote_trust,
@@ -558,6 +567,10 @@ class _Loader:
             src("shutdown_grace", "LAKEPROXY_SHUTDOWN_GRACE"),
             as_duration(positive=False), DEFAULT_SHUTDOWN_GRACE,
         )
+        login_timeout = self.parse(
+            src("login_timeout", "LAKEPROXY_LOGIN_TIMEOUT"),
+            as_duration(positive=True), DEFAULT_LOGIN_TIMEOUT,
+        )
         log_format: LogFormat = self.parse(
             src("log_format", "LAKEPROXY_LOG_FORMAT", flag=True), as_log_format, "text"
         )
@@ -587,6 +600,7 @@ class _Loader:
             connect_deadline=deadline,
             max_clients=max_clients,
             shutdown_grace=grace,
+            login_timeout=login_timeout,
             log_format=log_format,
             log_level=log_level,
             allow_remote_trust=allow_remote,
@@ -702,6 +716,12 @@ class _Loader:
                 )
 
         host = self.parse_opt(src("host", "PGHOST"), as_pg_host)
+        kind_raw = src("host_kind", "LAKEBASE_HOST_KIND")
+        host_kind = self.parse_opt(kind_raw, as_host_kind)
+        if kind_raw is not None and host_kind is not None and inst_raw is not None and (
+                host_kind not in PROVISIONED_KINDS):
+            self.bad(kind_raw, "a provisioned instance has no pooled hosts (Lakebase pools "
+                     "only autoscaling endpoints); use read_write or read_only")
         hostaddr = self.parse_opt(src("hostaddr", "PGHOSTADDR"), as_ip_address)
         port = self.parse(src("port", "PGPORT"), as_pg_port, DEFAULT_PGPORT)
         database = self.parse(src("database", "PGDATABASE"), as_text, DEFAULT_DATABASE)
@@ -717,7 +737,8 @@ class _Loader:
         if user is None:
             return None
         return EndpointConfig(
-            name=name, instance=instance, host=host, hostaddr=hostaddr, port=port,
+            name=name, instance=instance, host=host, host_kind=host_kind, hostaddr=hostaddr,
+            port=port,
             database=database, user=user, sslmode=sslmode, sslrootcert=rootcert, listen=listen,
         )
 
@@ -736,6 +757,7 @@ class _Proxy:
     connect_deadline: float
     max_clients: int
     shutdown_grace: float
+    login_timeout: float
     log_format: LogFormat
     log_level: LogLevel
     allow_remote_trust: bool

@@ -16,6 +16,11 @@ ClientTls = Literal["off", "allow", "require"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 PoolMode = Literal["off", "session"]
+#: Which of the endpoint's hosts to use (SPEC "Endpoint hosts").
+HostKind = Literal["read_write", "read_only", "pooled", "read_only_pooled"]
+HOST_KINDS: Final[tuple[HostKind, ...]] = ("read_write", "read_only", "pooled", "read_only_pooled")
+#: The kinds a provisioned instance has (``read_write_dns``, ``read_only_dns``; no pooler).
+PROVISIONED_KINDS: Final[tuple[HostKind, ...]] = ("read_write", "read_only")
 
 DEFAULT_LISTEN: Final = "127.0.0.1:6432"
 DEFAULT_PGPORT: Final = 5432
@@ -25,6 +30,7 @@ DEFAULT_SSLROOTCERT: Final = "system"
 DEFAULT_CONNECT_DEADLINE: Final = 60.0
 DEFAULT_MAX_CLIENTS: Final = 1000
 DEFAULT_SHUTDOWN_GRACE: Final = 30.0
+DEFAULT_LOGIN_TIMEOUT: Final = 15.0
 DEFAULT_UNIX_PORT: Final = 6432
 # Session reuse (SPEC "Session reuse").
 DEFAULT_POOL_IDLE_TIMEOUT: Final = 60.0
@@ -70,12 +76,15 @@ class EndpointConfig:
 
     Exactly one of ``name`` (autoscaling, ``projects/<p>/branches/<b>/endpoints/<e>``)
     and ``instance`` (provisioned) is set. ``host`` None means: look it up with the
-    Databricks API. ``hostaddr`` is dialled instead of resolving ``host``.
+    Databricks API, picking the host of ``host_kind`` (None: not configured,
+    which means ``read_write``; with ``host`` set it is ignored). ``hostaddr``
+    is dialled instead of resolving ``host``.
     """
 
     name: str | None = None
     instance: str | None = None
     host: str | None = None
+    host_kind: HostKind | None = None
     hostaddr: str | None = None
     port: int = DEFAULT_PGPORT
     database: str = DEFAULT_DATABASE
@@ -85,6 +94,11 @@ class EndpointConfig:
     listen: tuple[Listener, ...] = (Listener("tcp", "127.0.0.1", 6432),)
     #: Session reuse for this endpoint's clients (SPEC "Session reuse").
     pool_mode: PoolMode = "off"
+
+    @property
+    def kind(self) -> HostKind:
+        """The host kind in effect for a looked-up host (default ``read_write``)."""
+        return self.host_kind or "read_write"
 
     @property
     def label(self) -> str:
@@ -125,6 +139,9 @@ class Config:
     connect_deadline: float = DEFAULT_CONNECT_DEADLINE
     max_clients: int = DEFAULT_MAX_CLIENTS
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    #: Seconds a client has for its whole pre-login phase (SSL/GSS negotiation,
+    #: startup, password); also the size of the pre-login budget's window.
+    login_timeout: float = DEFAULT_LOGIN_TIMEOUT
     log_format: LogFormat = "text"
     log_level: LogLevel = "info"
     allow_remote_trust: bool = False
