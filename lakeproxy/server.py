@@ -293,6 +293,7 @@ class ProxyServer:
             authenticator=self._authenticator,
             on_upstream_connected=m.upstream_connected,
             pool=self.pool if cfg.pool_mode == "session" else None,
+            client_gone=self._client_gone,
             login_timeout=self.config.login_timeout,
             enter_login=self._enter_login,
             leave_login=self._leave_login,
@@ -340,6 +341,11 @@ class ProxyServer:
             )
         self._clients.add(session)
         return None
+
+    def _client_gone(self, session: Session) -> None:
+        """A session's client left while its endpoint session is reset for reuse."""
+        self.sessions.discard(session)
+        self._clients.discard(session)
 
     def _not_ready_for_ping(self) -> str | None:
         # The ping is still in its pre-login phase: not one of the counted clients.

@@ -161,6 +161,9 @@ class SessionHooks:
     on_upstream_connected: Callable[[float], None] = lambda seconds: None
     #: Session reuse for this endpoint (None: pool_mode off, a pure splice).
     pool: Pool | None = None
+    #: The client left and its endpoint session is being reset for the pool:
+    #: from now on it is no client (max_clients, readiness, drain).
+    client_gone: Callable[[Session], None] = lambda session: None
     #: The whole pre-login phase (SSL/GSS negotiation, startup, password) must
     #: end within this many seconds of the accept.
     login_timeout: float = LOGIN_TIMEOUT
@@ -260,12 +263,6 @@ class ClientProtocol(asyncio.Protocol):
         # Keep a plain transport open: an ErrorResponse may still be owed. (A TLS
         # transport closes anyway and warns when asked not to.)
         return self.transport is None or self.transport.get_extra_info("sslcontext") is None
-
-    def forget(self) -> None:
-        """Leave the server's registry of client connections (the client is gone;
-        what remains, a session reset, is the pool's business)."""
-        if self.session is not None:
-            self._registry.discard(self.session)
 
     def hung_up(self) -> bool:
         """True once the client sent EOF or the connection was lost."""
@@ -683,7 +680,7 @@ class Session:
         self.resetting = True
         # The client is gone: it no longer counts as one (max_clients, readiness,
         # drain), while the reset takes its round trip.
-        self.conn.forget()
+        self.hooks.client_gone(self)
         try:
             parked, reason = await pool.reset_and_park(lease, splice.status)
         except asyncio.CancelledError:

@@ -643,3 +643,27 @@ async def test_a_reset_that_hangs_closes_the_session(
             os.kill(a.pid, signal.SIGCONT)
         assert len(p.server.pool) == 0
         assert await _next_pid(p, app) != a.pid
+
+
+async def test_a_client_whose_session_is_being_reset_no_longer_counts(
+    emulator: Emulator, proxy: ProxyFactory, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the reset waits for the endpoint, the client that left is not one of
+    the active clients (max_clients, readiness, drain wait only for real ones)."""
+    monkeypatch.setattr(pool_module, "RESET_TIMEOUT", 60.0)
+    app = _name()
+    async with asyncio.timeout(30):
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
+        a = await login(p, app)
+        os.kill(a.pid, signal.SIGSTOP)  # the reset cannot finish until SIGCONT
+        try:
+            await a.terminate()
+
+            async def not_counted() -> bool:
+                return p.server.active_clients == 0 and not p.server.sessions
+            await eventually(not_counted, timeout=10)
+            assert len(p.server.pool) == 0  # still resetting
+        finally:
+            os.kill(a.pid, signal.SIGCONT)
+        await parked(p, 1)
+        assert await _next_pid(p, app) == a.pid
