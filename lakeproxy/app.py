@@ -95,7 +95,11 @@ class Runtime:
     async def _warm(self, dialer: EndpointDialer) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await dialer.credentials.get(deadline=loop.time() + self.config.connect_deadline)
+            deadline = loop.time() + self.config.connect_deadline
+            await dialer.credentials.get(deadline=deadline)
+            role = await dialer.role(deadline=deadline)  # the signed-in identity, if unset
+            log.info("endpoint %s: signed in with %s, logging in as %s", dialer.config.label,
+                     dialer.credentials.method, role)
         except CredentialError as exc:
             log.warning("could not mint a credential for %s yet: %s", dialer.config.label, exc)
         except Exception:

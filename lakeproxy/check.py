@@ -99,16 +99,27 @@ async def run_check(config: Config, out: TextIO) -> int:
     report = _Report(out)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + config.connect_deadline
-    out.write(f"lakeproxy check: {endpoint.label} as role {endpoint.user}\n")
+    method = config.databricks.auth_type
+    out.write(f"lakeproxy check: {endpoint.label}, signing in with {method}\n")
+    role = endpoint.user or ""
     try:
         async def token() -> tuple[None, str]:
             try:
                 cred = await creds.workspace_token(deadline=deadline)
             except LakeproxyError as exc:
                 raise _failed(exc) from exc
-            if config.databricks.auth_method == "token":
-                return None, "using DATABRICKS_TOKEN"
-            return None, f"OAuth M2M, valid for {cred.remaining(loop.time()) / 60:.0f} min"
+            if creds.static:
+                return None, f"{method}: using DATABRICKS_TOKEN"
+            return None, f"{method}, valid for {cred.remaining(loop.time()) / 60:.0f} min"
+
+        async def identity() -> tuple[str, str]:
+            try:
+                name = await creds.identity(deadline=deadline)
+            except LakeproxyError as exc:
+                raise _failed(exc) from exc
+            used = "logging in as this role" if endpoint.user is None else (
+                f"logging in as role {endpoint.user} (LAKEBASE_USER/PGUSER)")
+            return name, f"{name} ({used})"
 
         async def credential() -> tuple[str, str]:
             try:
@@ -119,6 +130,8 @@ async def run_check(config: Config, out: TextIO) -> int:
             return cred.token, f"valid for {left:.0f} min"
 
         await report.step("workspace token", token)
+        signed_in = await report.step("identity", identity)
+        role = endpoint.user or signed_in
         secret = await report.step("database credential", credential)
 
         in_use: list[str] = []
@@ -187,7 +200,7 @@ async def run_check(config: Config, out: TextIO) -> int:
 
         async def login() -> tuple[UpstreamConnection, str]:
             target = await _target(dialer, deadline)
-            params = {"user": endpoint.user, "database": endpoint.database,
+            params = {"user": role, "database": endpoint.database,
                       "application_name": "lakeproxy check"}
 
             async def refresh() -> str:
@@ -200,7 +213,7 @@ async def run_check(config: Config, out: TextIO) -> int:
                 )
             except LakeproxyError as exc:
                 raise _failed(exc) from exc
-            return conn, f"{conn.auth_method} as {endpoint.user} to {endpoint.database}"
+            return conn, f"{conn.auth_method} as {role} to {endpoint.database}"
 
         conn = await report.step("login", login)
 

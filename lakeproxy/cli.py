@@ -216,8 +216,10 @@ def _load(args: argparse.Namespace) -> Config:
         value = getattr(args, key, None)
         flags[key] = ",".join(value) if isinstance(value, list) else value
     config = load_config(env=os.environ, argv=flags, config_file=args.config)
+    dbx = config.databricks
     for secret in (
-        config.databricks.client_secret, config.databricks.token, config.client_password,
+        dbx.client_secret, dbx.token, config.client_password, dbx.oidc_token,
+        dbx.azure_client_secret, dbx.identity_header,
     ):
         add_secret(secret)
     setup_logging(config.log_format, config.log_level)

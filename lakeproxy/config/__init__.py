@@ -13,6 +13,7 @@ importable from this package.
 
 from lakeproxy.config.load import ENV_VARS, FILE_KEYS, FLAG_KEYS, load_config, reload_config
 from lakeproxy.config.model import (
+    AUTH_TYPES,
     DEFAULT_CONNECT_DEADLINE,
     DEFAULT_DATABASE,
     DEFAULT_LISTEN,
@@ -25,6 +26,7 @@ from lakeproxy.config.model import (
     DEFAULT_UNIX_PORT,
     HOST_KINDS,
     PROVISIONED_KINDS,
+    AuthType,
     ClientTls,
     Config,
     DatabricksConfig,
@@ -45,6 +47,7 @@ from lakeproxy.config.values import (
 )
 
 __all__ = [
+    "AUTH_TYPES",
     "DEFAULT_CONNECT_DEADLINE",
     "DEFAULT_DATABASE",
     "DEFAULT_LISTEN",
@@ -60,6 +63,7 @@ __all__ = [
     "FLAG_KEYS",
     "HOST_KINDS",
     "PROVISIONED_KINDS",
+    "AuthType",
     "ClientTls",
     "Config",
     "DatabricksConfig",

@@ -78,7 +78,8 @@ class EndpointConfig:
     and ``instance`` (provisioned) is set. ``host`` None means: look it up with the
     Databricks API, picking the host of ``host_kind`` (None: not configured,
     which means ``read_write``; with ``host`` set it is ignored). ``hostaddr``
-    is dialled instead of resolving ``host``.
+    is dialled instead of resolving ``host``. ``user`` None means: log in as
+    the signed-in identity.
     """
 
     name: str | None = None
@@ -88,7 +89,8 @@ class EndpointConfig:
     hostaddr: str | None = None
     port: int = DEFAULT_PGPORT
     database: str = DEFAULT_DATABASE
-    user: str
+    #: the Postgres role; None: the signed-in identity (SCIM ``Me``), asked once
+    user: str | None = None
     sslmode: SslMode = DEFAULT_SSLMODE
     sslrootcert: str = DEFAULT_SSLROOTCERT
     listen: tuple[Listener, ...] = (Listener("tcp", "127.0.0.1", 6432),)
@@ -106,23 +108,57 @@ class EndpointConfig:
         return self.name or self.instance or "?"
 
 
+#: The workspace sign-in methods, named as the Databricks CLI and SDKs name them
+#: (``DATABRICKS_AUTH_TYPE``); see SPEC.md "Workspace sign-in".
+AuthType = Literal[
+    "pat", "oauth-m2m", "env-oidc", "file-oidc", "azure-client-secret", "databricks-cli",
+    "azure-cli", "azure-msi",
+]
+AUTH_TYPES: Final[tuple[AuthType, ...]] = (
+    "pat", "oauth-m2m", "env-oidc", "file-oidc", "azure-client-secret", "databricks-cli",
+    "azure-cli", "azure-msi",
+)
+DEFAULT_AZURE_AUTHORITY: Final = "https://login.microsoftonline.com"
+#: The instance metadata service; ``AZURE_POD_IDENTITY_AUTHORITY_HOST`` replaces
+#: its scheme and host, as the Azure SDKs do.
+DEFAULT_IMDS_HOST: Final = "http://169.254.169.254"
+
+
 @dataclass(frozen=True, slots=True)
 class DatabricksConfig:
     """The workspace identity shared by every endpoint.
 
-    Exactly one auth method is usable: ``client_id`` + ``client_secret`` (OAuth
-    M2M), or ``token`` (then ``client_id``, if set, only provides the default role).
+    ``auth_type`` is the sign-in method in use (chosen by ``DATABRICKS_AUTH_TYPE``
+    or by what is configured); the other fields are what that method needs.
+    With ``pat``, ``client_id`` (if set) only provides the default role.
     """
 
     host: str
     client_id: str | None = None
     client_secret: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
+    auth_type: AuthType = "oauth-m2m"
+    #: the ~/.databrickscfg profile the values came from (``databricks auth token --profile``)
+    profile: str | None = None
+    #: the Databricks CLI: an absolute path when found on PATH, else the name as given
+    cli_path: str = "databricks"
+    #: the Azure CLI, resolved the same way
+    az_path: str = "az"
+    oidc_token: str | None = field(default=None, repr=False)
+    oidc_token_file: str | None = None
+    azure_client_id: str | None = None
+    azure_client_secret: str | None = field(default=None, repr=False)
+    azure_tenant_id: str | None = None
+    azure_authority: str = DEFAULT_AZURE_AUTHORITY
+    #: App Service style managed identity endpoint (``IDENTITY_ENDPOINT``/``IDENTITY_HEADER``)
+    identity_endpoint: str | None = None
+    identity_header: str | None = field(default=None, repr=False)
+    imds_host: str = DEFAULT_IMDS_HOST
 
     @property
-    def auth_method(self) -> Literal["oauth-m2m", "token"]:
-        """``oauth-m2m`` when a client secret is set, else ``token``."""
-        return "oauth-m2m" if self.client_secret is not None else "token"
+    def auth_method(self) -> AuthType:
+        """The sign-in method (same as ``auth_type``)."""
+        return self.auth_type
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -27,6 +27,7 @@ from typing import Final
 from lakeproxy.auth.cache import CachedCredentials
 from lakeproxy.auth.databricks import DatabricksApi
 from lakeproxy.auth.provider import Credential
+from lakeproxy.auth.signin import make_signin
 from lakeproxy.auth.status import TargetStatus
 from lakeproxy.config import Config, DatabricksConfig, EndpointConfig
 from lakeproxy.errors import CredentialError, UpstreamConnectError
@@ -52,13 +53,11 @@ _REREAD_TIMEOUT: Final = 3.0
 
 
 def make_api(databricks: DatabricksConfig, endpoint: EndpointConfig) -> DatabricksApi:
-    """The credential API client for one endpoint (raises ConfigError)."""
-    oauth = databricks.auth_method == "oauth-m2m"
+    """The credential API client for one endpoint, signing in with the configured
+    method (raises ConfigError)."""
     return DatabricksApi(
         host=databricks.host,
-        client_id=databricks.client_id if oauth else None,
-        client_secret=databricks.client_secret if oauth else None,
-        token=None if oauth else databricks.token,
+        signin=make_signin(databricks),
         endpoint_name=endpoint.name,
         instance_name=endpoint.instance,
     )
@@ -101,7 +100,15 @@ class EndpointDialer:
         kind = self.config.kind
         where = self._host or ("(host looked up)" if kind == "read_write"
                                else f"({kind} host looked up)")
-        return f"{self.config.label} at {where}:{self.config.port} as {self.config.user}"
+        role = self.config.user or "the signed-in identity"
+        return f"{self.config.label} at {where}:{self.config.port} as {role}"
+
+    async def role(self, *, deadline: float) -> str:
+        """The Postgres role: the configured one, else the signed-in identity's name
+        (SCIM ``Me``, asked once). Raises CredentialError."""
+        if self.config.user is not None:
+            return self.config.user
+        return await self.credentials.identity(deadline=deadline)
 
     @property
     def status(self) -> TargetStatus | None:
@@ -204,6 +211,8 @@ class EndpointDialer:
             self._host = host
 
     async def connect(self, params: Mapping[str, str], *, deadline: float) -> UpstreamConnection:
+        if "user" not in params:  # no role configured: the signed-in identity's
+            params = {**params, "user": await self.role(deadline=deadline)}
         target = await self.target(deadline=deadline)
         cred = await self.credentials.get(deadline=deadline)
         used: list[Credential] = [cred]

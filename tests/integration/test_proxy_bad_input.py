@@ -254,7 +254,12 @@ async def test_no_upstream_session_outlives_a_client_gone_during_login(
         await asyncio.sleep(0.5)
         assert len(p.server.sessions) == 1
         client.abort()
-        await asyncio.sleep(0.1)
+        # Well before the wake completes (2 s): the hang-up is seen within one
+        # poll (HANG_UP_POLL) even on a loaded machine.
+        for _ in range(50):
+            if not p.server.sessions:
+                break
+            await asyncio.sleep(0.02)
         assert not p.server.sessions
         await asyncio.sleep(2.0)  # the wake completes
         await _nothing_left(p, emu)

@@ -384,13 +384,11 @@ def test_everything_missing() -> None:
     assert found[2].startswith("ENDPOINT_NAME or LAKEBASE_INSTANCE: one is required")
 
 
-def test_pguser_required_without_client_id() -> None:
+def test_without_pguser_or_client_id_the_role_is_the_signed_in_identity() -> None:
     env = {k: v for k, v in ENV.items() if not k.startswith("DATABRICKS_CLIENT")}
-    found = problems({**env, "DATABRICKS_TOKEN": TOKEN})
-    assert len(found) == 1
-    assert found[0].startswith("PGUSER: required when DATABRICKS_CLIENT_ID is unset")
+    assert ep0(load({**env, "DATABRICKS_TOKEN": TOKEN})).user is None  # asked from SCIM Me
     config = load({**env, "DATABRICKS_TOKEN": TOKEN, "PGUSER": "role"})
-    assert config.databricks.auth_method == "token"
+    assert config.databricks.auth_method == "pat"
     assert config.databricks.token == TOKEN
     assert ep0(config).user == "role"
 
@@ -398,7 +396,7 @@ def test_pguser_required_without_client_id() -> None:
 def test_token_with_client_id_only_sets_the_default_role() -> None:
     env = {k: v for k, v in ENV.items() if k != "DATABRICKS_CLIENT_SECRET"}
     config = load({**env, "DATABRICKS_TOKEN": TOKEN})
-    assert config.databricks.auth_method == "token"
+    assert config.databricks.auth_method == "pat"
     assert ep0(config).user == "env-client"
 
 
@@ -531,7 +529,8 @@ def test_default_profile_from_home(tmp_path: Path) -> None:
 def test_named_profile() -> None:
     config = load(cfg_env(DATABRICKS_CONFIG_PROFILE="staging", PGUSER="r"))
     assert config.databricks == DatabricksConfig(
-        "https://staging.cloud.databricks.com", None, None, "dapi-staging-token-value"
+        "https://staging.cloud.databricks.com", None, None, "dapi-staging-token-value",
+        auth_type="pat", profile="staging",
     )
 
 
