@@ -174,6 +174,8 @@ class Runtime:
             tls_context=tls_context,
         )
         log.info("configuration reloaded from %s", new.config_file or "environment")
+        for warning in new.warnings:
+            log.warning("%s", warning)
         for d in dialers:
             if not any(d is k for k in kept):
                 self._spawn(self._warm(d))  # readiness needs a credential for each

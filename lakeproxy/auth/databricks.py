@@ -73,6 +73,16 @@ ENDPOINT_NAME_RE: Final = re.compile(r"projects/[^/]+/branches/[^/]+/endpoints/[
 HINT_WORKSPACE_ACCESS: Final = "enable 'Workspace access' for the service principal"
 HINT_ENDPOINT: Final = "set ENDPOINT_NAME to projects/<p>/branches/<b>/endpoints/<e>"
 HINT_INSTANCE: Final = "set LAKEBASE_INSTANCE to the name of an existing provisioned instance"
+# A well-formed name the workspace does not know (404 RESOURCE_DOES_NOT_EXIST).
+HINT_ENDPOINT_NOT_FOUND: Final = (
+    "endpoint not found: check that ENDPOINT_NAME names an endpoint of this workspace "
+    "(the Lakebase app shows projects/<p>/branches/<b>/endpoints/<e>) and that DATABRICKS_HOST "
+    "is the workspace it belongs to"
+)
+HINT_INSTANCE_NOT_FOUND: Final = (
+    "instance not found: check that LAKEBASE_INSTANCE names a provisioned instance of this "
+    "workspace and that DATABRICKS_HOST is the workspace it belongs to"
+)
 HINT_ROLE: Final = (
     "create the OAuth role for the service principal in the Lakebase SQL editor "
     "(databricks_create_role)"
@@ -149,7 +159,8 @@ def hint_for(
     if "invalid parameter value" in text or "'endpoint'" in text or "'instance" in text:
         return target_hint
     if status == 404 or "does not exist" in text or "not found" in text:
-        return target_hint
+        # A well-formed name the workspace does not know (404 RESOURCE_DOES_NOT_EXIST).
+        return HINT_INSTANCE_NOT_FOUND if provisioned else HINT_ENDPOINT_NOT_FOUND
     if step == "oauth" and status in (400, 401, 403):
         return HINT_CLIENT
     if status == 401:

@@ -38,6 +38,7 @@ from lakeproxy.config.model import (
     PoolMode,
     SslMode,
     is_loopback_host,
+    name_sources,
 )
 from lakeproxy.config.values import (
     parse_duration,
@@ -76,6 +77,7 @@ __all__ = [
     "SslMode",
     "is_loopback_host",
     "load_config",
+    "name_sources",
     "parse_duration",
     "parse_host_port",
     "parse_listener",

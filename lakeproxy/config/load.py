@@ -4,17 +4,24 @@
 environment is passed in, ``os.environ`` is never read here. It collects every
 problem it finds and raises one :class:`~lakeproxy.errors.ConfigError`; each
 problem names the key and where the value came from, e.g.
-``PGSSLMODE=disable (environment): must be one of require, verify-ca,
-verify-full``. A secret's value never appears in a message or a ``repr``.
+``LAKEBASE_SSLMODE=disable (environment): must be one of require, verify-ca,
+verify-full``; "required" problems come after the others (a typo in the file
+often explains them). A secret's value never appears in a message or a ``repr``.
+Warnings (a client-only ``PGSSLMODE`` that was ignored) go to ``Config.warnings``,
+and ``Config.sources`` / ``EndpointConfig.sources`` say where each value came
+from, so hints can name that place (:func:`~lakeproxy.config.model.name_sources`).
 
 Rules worth knowing:
 
 * an empty environment variable counts as unset (as libpq does);
 * relative paths in the TOML file are relative to the file's directory, and
   ``~`` expands with ``HOME`` from the given environment;
+* an endpoint key comes from its ``LAKEBASE_*`` variable, else the file, else
+  the ``PG*`` variable libpq reads (:data:`ENDPOINT_ENV`): a shell's ``PG*`` are
+  usually meant for the proxy's clients;
 * with several ``[[endpoints]]`` in the file, the per-endpoint environment
-  variables (``ENDPOINT_NAME``, ``LAKEBASE_INSTANCE``, ``PG*``) are ignored and
-  ``LAKEPROXY_LISTEN`` / ``--listen`` are refused: each endpoint says it all;
+  variables (``ENDPOINT_NAME``, ``LAKEBASE_INSTANCE``, ``LAKEBASE_*``, ``PG*``) are
+  ignored and ``LAKEPROXY_LISTEN`` / ``--listen`` are refused: each endpoint says it all;
   with one ``[[endpoints]]`` table, they override its fields.
 
 Adding a key: a field in :mod:`~lakeproxy.config.model`, its name in
@@ -119,6 +126,8 @@ ENV_VARS: Final[tuple[str, ...]] = (
     "AZURE_POD_IDENTITY_AUTHORITY_HOST",
     "ENDPOINT_NAME", "LAKEBASE_INSTANCE",
     "LAKEBASE_HOST_KIND",
+    "LAKEBASE_HOST", "LAKEBASE_PORT", "LAKEBASE_HOSTADDR", "LAKEBASE_DATABASE", "LAKEBASE_USER",
+    "LAKEBASE_SSLMODE", "LAKEBASE_SSLROOTCERT",
     "PGHOST", "PGPORT", "PGHOSTADDR", "PGDATABASE", "PGUSER", "PGSSLMODE", "PGSSLROOTCERT",
     "LAKEPROXY_CONFIG", "LAKEPROXY_LISTEN", "LAKEPROXY_ADMIN_LISTEN", "LAKEPROXY_CLIENT_PASSWORD",
     "LAKEPROXY_TLS_CERT", "LAKEPROXY_TLS_KEY", "LAKEPROXY_CLIENT_TLS",
@@ -147,6 +156,21 @@ _DIRECT_AUTH_KEYS: Final = (
 _PROFILE_RENAME: Final = {
     "databricks_cli_path": "cli_path", "oidc_token_filepath": "oidc_token_file",
 }
+#: An endpoint key's own variable and the libpq variable it falls back to. The
+#: proxy's own name (and the TOML key) wins: the PG* names in a shell or a shared
+#: .env file are usually meant for the clients of the proxy (SPEC "Configuration").
+ENDPOINT_ENV: Final[Mapping[str, tuple[str, str]]] = {
+    "host": ("LAKEBASE_HOST", "PGHOST"),
+    "port": ("LAKEBASE_PORT", "PGPORT"),
+    "hostaddr": ("LAKEBASE_HOSTADDR", "PGHOSTADDR"),
+    "database": ("LAKEBASE_DATABASE", "PGDATABASE"),
+    "user": ("LAKEBASE_USER", "PGUSER"),
+    "sslmode": ("LAKEBASE_SSLMODE", "PGSSLMODE"),
+    "sslrootcert": ("LAKEBASE_SSLROOTCERT", "PGSSLROOTCERT"),
+}
+#: PGSSLMODE values that only make sense for a client: ignored (with a warning)
+#: as a fallback, refused as LAKEBASE_SSLMODE or a TOML sslmode.
+_CLIENT_ONLY_SSLMODES: Final = frozenset({"disable", "allow", "prefer"})
 _T = TypeVar("_T")
 
 
@@ -214,7 +238,11 @@ class _Loader:
         self.config_flag = config_file
         self.home = env.get("HOME") or None
         self.problems: list[str] = []
+        self.missing_problems: list[str] = []  # "required" ones: printed after the specific ones
+        self.warnings: list[str] = []
+        self.sources: dict[str, str] = {}  # variable -> where its value came from, for hints
         self.complete = True  # False when the file could not be read: skip "required" checks
+        self.profile_failed = False  # the ~/.databrickscfg profile could not be read
         self.file_path: Path | None = None
         self.file_label = ""
         self.doc: dict[str, object] = {}
@@ -227,7 +255,18 @@ class _Loader:
 
     def missing(self, text: str) -> None:
         if self.complete:
-            self.problems.append(text)
+            self.missing_problems.append(text)
+
+    def missing_auth(self, text: str) -> None:
+        """A required sign-in value is missing, unless a broken profile explains it."""
+        if not self.profile_failed:
+            self.missing(text)
+
+    def note(self, name: str, raw: Raw | None) -> Raw | None:
+        """Remember where ``name``'s value came from (for hints); returns ``raw``."""
+        if raw is not None:
+            self.sources[name] = raw.source
+        return raw
 
     # -- sources ---------------------------------------------------------
 
@@ -237,14 +276,14 @@ class _Loader:
             return None
         opt = "--" + name.replace("_", "-")
         shown = "" if value is True else f"={show(value)}"
-        return Raw(value, f"{opt}{shown} (command line)")
+        return Raw(value, f"{opt}{shown} (command line)", source=opt)
 
     def envvar(self, name: str, *, secret: bool = False) -> Raw | None:
         value = self.env.get(name)
         if not value:
             return None
         origin = f"{name} (environment)" if secret else f"{name}={show(value)} (environment)"
-        return Raw(value, origin)
+        return Raw(value, origin, source=name)
 
     def fileval(self, table: Mapping[str, object], where: str, key: str) -> Raw | None:
         if key not in table:
@@ -256,6 +295,7 @@ class _Loader:
             f"{where} {key} ({self.file_label})",
             shown=None if secret else show(value),
             base=self.file_path.parent if self.file_path is not None else None,
+            source=f"{key} in {where} of {self.file_label}",
         )
 
     @staticmethod
@@ -315,8 +355,11 @@ class _Loader:
         proxy = self.proxy(proxy_table)
         endpoints = self.endpoints(file_endpoints, proxy_table, client_id_raw, proxy)
 
-        if self.problems or databricks is None:
-            raise ConfigError(self.problems or ["DATABRICKS_HOST: required"])
+        # Most specific first: a typo in the file or a bad value often explains a
+        # "required" problem that follows it.
+        problems = self.problems + self.missing_problems
+        if problems or databricks is None:
+            raise ConfigError(problems or ["DATABRICKS_HOST: required"])
         flags: list[tuple[str, str | bool]] = [
             (k, v) for k, v in self.flags.items() if v is not None
         ]
@@ -342,6 +385,8 @@ class _Loader:
             pool_lifetime=proxy.pool_lifetime,
             config_file=self.file_path,
             flags=tuple(flags),
+            warnings=tuple(self.warnings),
+            sources=tuple(self.sources.items()),
         )
 
     # -- the TOML file ---------------------------------------------------
@@ -453,14 +498,22 @@ class _Loader:
             "azure_client_secret": src("azure_client_secret", "ARM_CLIENT_SECRET", secret=True),
             "azure_tenant_id": src("azure_tenant_id", "ARM_TENANT_ID"),
         }
+        before = len(self.problems)
         profile_name, profile = self.profile_values(table, vals)
+        # A profile that could not be read explains any missing host or credentials:
+        # say only that (one line), not "required" for each value it would have held.
+        self.profile_failed = len(self.problems) > before
         for key, raw in profile.items():
             if vals.get(key) is None:
                 vals[key] = raw
 
+        for key, var in (("host", "DATABRICKS_HOST"), ("client_id", "DATABRICKS_CLIENT_ID"),
+                         ("client_secret", "DATABRICKS_CLIENT_SECRET"),
+                         ("token", "DATABRICKS_TOKEN")):
+            self.note(var, vals[key])
         host = self.parse_opt(vals["host"], as_databricks_host)
         if vals["host"] is None:
-            self.missing(
+            self.missing_auth(
                 "DATABRICKS_HOST: required (the workspace URL, https://...; set it in the "
                 "environment, in [databricks] host, or in a ~/.databrickscfg profile)"
             )
@@ -549,7 +602,7 @@ class _Loader:
             method = configured[0][0]
         if method is None:
             if id_raw is not None:
-                self.missing(
+                self.missing_auth(
                     f"{id_raw.origin}: needs DATABRICKS_CLIENT_SECRET as well (OAuth M2M), "
                     "or set DATABRICKS_TOKEN"
                 )
@@ -561,7 +614,7 @@ class _Loader:
             elif have_az and vals["host"] is not None:
                 return "azure-cli"
             else:
-                self.missing(
+                self.missing_auth(
                     "DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET, or DATABRICKS_TOKEN: one "
                     "auth method is required (in the environment, [databricks], or a "
                     "~/.databrickscfg profile), or sign in with the Databricks CLI "
@@ -681,6 +734,7 @@ class _Loader:
                 value,
                 f"{key} in profile [{name}] ({path})",
                 shown=None if key in _SECRET_KEYS else show(value),
+                source=f"{key} in profile [{name}] of {path}",
             )
             for key, value in values.items()
         }
@@ -691,11 +745,11 @@ class _Loader:
         where = "[proxy]"
 
         def src(key: str, env: str, *, flag: bool = False, secret: bool = False) -> Raw | None:
-            return self.pick(
+            return self.note(env, self.pick(
                 self.flag(key) if flag else None,
                 self.envvar(env, secret=secret),
                 self.fileval(table, where, key),
-            )
+            ))
 
         admin_raw = src("admin_listen", "LAKEPROXY_ADMIN_LISTEN", flag=True)
         admin = self.parse_opt(admin_raw, as_admin_listen)
@@ -852,14 +906,22 @@ class _Loader:
         def env(name: str) -> Raw | None:
             return self.envvar(name) if use_env else None
 
-        def src(key: str, envname: str) -> Raw | None:
-            return self.pick(env(envname), self.fileval(table, where, key))
+        def src(key: str) -> Raw | None:
+            own, libpq = ENDPOINT_ENV[key]
+            raw = self.pick(env(own), self.fileval(table, where, key), env(libpq))
+            if raw is not None:
+                sources[own] = raw.source
+            return raw
 
+        sources: dict[str, str] = {}
         # Identity: the environment's pair replaces the file's as a whole.
         name_raw, inst_raw = env("ENDPOINT_NAME"), env("LAKEBASE_INSTANCE")
         if name_raw is None and inst_raw is None:
             name_raw = self.fileval(table, where, "name")
             inst_raw = self.fileval(table, where, "instance")
+        for var, raw in (("ENDPOINT_NAME", name_raw), ("LAKEBASE_INSTANCE", inst_raw)):
+            if raw is not None:
+                sources[var] = raw.source
         name = self.parse_opt(name_raw, as_endpoint_name)
         instance = self.parse_opt(inst_raw, as_text)
         if name_raw is not None and inst_raw is not None:
@@ -876,28 +938,56 @@ class _Loader:
                     "projects/<p>/branches/<b>/endpoints/<e> for autoscaling)"
                 )
 
-        host = self.parse_opt(src("host", "PGHOST"), as_pg_host)
-        kind_raw = src("host_kind", "LAKEBASE_HOST_KIND")
+        host = self.parse_opt(src("host"), as_pg_host)
+        kind_raw = self.pick(env("LAKEBASE_HOST_KIND"), self.fileval(table, where, "host_kind"))
         host_kind = self.parse_opt(kind_raw, as_host_kind)
         if kind_raw is not None and host_kind is not None and inst_raw is not None and (
                 host_kind not in PROVISIONED_KINDS):
             self.bad(kind_raw, "a provisioned instance has no pooled hosts (Lakebase pools "
                      "only autoscaling endpoints); use read_write or read_only")
-        hostaddr = self.parse_opt(src("hostaddr", "PGHOSTADDR"), as_ip_address)
-        port = self.parse(src("port", "PGPORT"), as_pg_port, DEFAULT_PGPORT)
-        database = self.parse(src("database", "PGDATABASE"), as_text, DEFAULT_DATABASE)
-        user_raw = self.pick(src("user", "PGUSER"), default_user)
-        # No role configured: the signed-in identity's (SCIM Me), asked at run time.
+        hostaddr = self.parse_opt(src("hostaddr"), as_ip_address)
+        port = self.parse(src("port"), as_pg_port, DEFAULT_PGPORT)
+        database = self.parse(src("database"), as_text, DEFAULT_DATABASE)
+        user_raw = self.pick(src("user"), default_user)
+        if user_raw is not None:
+            sources["LAKEBASE_USER"] = user_raw.source
         user = self.parse_opt(user_raw, as_text)
-        sslmode = self.parse(src("sslmode", "PGSSLMODE"), as_sslmode, DEFAULT_SSLMODE)
-        rootcert = self.parse(src("sslrootcert", "PGSSLROOTCERT"), self.sslrootcert, "system")
+        # No role configured: the signed-in identity's (SCIM Me), asked at run time.
+        sslmode = self.parse(self.sslmode_raw(table, where, use_env, sources), as_sslmode,
+                             DEFAULT_SSLMODE)
+        rootcert = self.parse(src("sslrootcert"), self.sslrootcert, "system")
         if user_raw is not None and user is None:
             return None
         return EndpointConfig(
             name=name, instance=instance, host=host, host_kind=host_kind, hostaddr=hostaddr,
             port=port,
             database=database, user=user, sslmode=sslmode, sslrootcert=rootcert, listen=listen,
+            sources=tuple(sources.items()),
         )
+
+    def sslmode_raw(
+        self, table: Mapping[str, object], where: str, use_env: bool, sources: dict[str, str]
+    ) -> Raw | None:
+        """The sslmode's source. A PGSSLMODE that only a client can use (``disable``,
+        ``allow``, ``prefer``: psql's settings in the same shell) is ignored with one
+        warning; the same value as LAKEBASE_SSLMODE or in the file is an error."""
+        own = self.envvar("LAKEBASE_SSLMODE") if use_env else None
+        raw = self.pick(own, self.fileval(table, where, "sslmode"))
+        if raw is None and use_env:
+            fallback = self.envvar("PGSSLMODE")
+            value = fallback.value if fallback is not None else None
+            if isinstance(value, str) and value.strip().lower() in _CLIENT_ONLY_SSLMODES:
+                self.warnings.append(
+                    f"{fallback.origin if fallback else 'PGSSLMODE'}: ignored, "
+                    f"{value.strip().lower()} is a client setting (lakeproxy always uses TLS "
+                    f"to the endpoint); using sslmode={DEFAULT_SSLMODE}. Set LAKEBASE_SSLMODE "
+                    "to choose require, verify-ca or verify-full"
+                )
+            else:
+                raw = fallback
+        if raw is not None:
+            sources["LAKEBASE_SSLMODE"] = raw.source
+        return raw
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ builds these from the sources.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
@@ -96,6 +97,9 @@ class EndpointConfig:
     listen: tuple[Listener, ...] = (Listener("tcp", "127.0.0.1", 6432),)
     #: Session reuse for this endpoint's clients (SPEC "Session reuse").
     pool_mode: PoolMode = "off"
+    #: ``(variable, source)`` for the values that were set: where a hint naming the
+    #: variable should point instead (see :func:`name_sources`).
+    sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def kind(self) -> HostKind:
@@ -189,6 +193,27 @@ class Config:
     #: The command-line flags this config was loaded with (``argv`` items, plus
     #: ``config`` when a file was given explicitly), for :func:`reload_config`.
     flags: tuple[tuple[str, str | bool], ...] = field(default=(), repr=False)
+    #: One line each, logged at start-up (e.g. a client-only PGSSLMODE that was ignored).
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    #: ``(variable, source)`` for the workspace and proxy settings, as
+    #: :attr:`EndpointConfig.sources`.
+    sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+
+
+def name_sources(hint: str | None, *sources: tuple[tuple[str, str], ...]) -> str | None:
+    """``hint`` with each variable it names replaced by where that value came from.
+
+    Hints are written with the variable names ("raise LAKEPROXY_MAX_CLIENTS"); a
+    value set as ``[proxy] max_clients`` in a file or in a ``~/.databrickscfg``
+    profile is named as such ("raise max_clients in [proxy] of /etc/lp.toml").
+    """
+    if not hint:
+        return hint
+    for pairs in sources:
+        for var, source in pairs:
+            if source and source != var:
+                hint = re.sub(rf"(?<![A-Z_]){re.escape(var)}(?![A-Z_])", source, hint)
+    return hint
 
 
 # --------------------------------------------------------------------------

@@ -154,6 +154,9 @@ class Raw:
     origin: str  # e.g. "PGPORT=x (environment)", "[proxy] max_clients (lakeproxy.toml)"
     shown: str | None = None  # the value, for file-sourced non-secrets
     base: Path | None = None  # directory relative paths are resolved against
+    #: Where it came from, as a hint names it: a variable ("LAKEBASE_HOST"), a file
+    #: key ("host in [[endpoints]] of /etc/lakeproxy.toml"), a profile key or a flag.
+    source: str = ""
 
 
 def show(value: object) -> str:
@@ -308,6 +311,8 @@ def as_admin_listen(raw: Raw) -> tuple[str, int] | None:
     text = as_text(raw)
     if text.lower() == "off":
         return None
+    if "://" in text:
+        raise Bad("must be HOST:PORT, the address to listen on (e.g. 127.0.0.1:9090), not a URL")
     try:
         return parse_host_port(text)
     except ValueError as exc:

@@ -214,13 +214,28 @@ class Emulator:
         await self.stop()
 
     def env(self) -> dict[str, str]:
-        """The environment a proxy (or any Databricks API client and libpq)
-        needs to reach this emulator. Contains the client secret."""
+        """The environment a proxy (or any Databricks API client) needs to reach
+        this emulator, with the proxy's own ``LAKEBASE_*`` names so that sourcing
+        it leaves a shell's ``PG*`` settings (meant for the proxy's clients)
+        alone. Contains the client secret."""
         return {
             "DATABRICKS_HOST": self.workspace.url,
             "DATABRICKS_CLIENT_ID": self.client_id,
             "DATABRICKS_CLIENT_SECRET": self.client_secret,
             "ENDPOINT_NAME": self.endpoint_name,
+            "LAKEBASE_HOST": self.host,
+            "LAKEBASE_HOSTADDR": "127.0.0.1",
+            "LAKEBASE_PORT": str(self.port),
+            "LAKEBASE_DATABASE": DATABASE,
+            "LAKEBASE_USER": self.role,
+            "LAKEBASE_SSLMODE": "verify-full",
+            "LAKEBASE_SSLROOTCERT": str(self.ca_file),
+        }
+
+    def libpq_env(self) -> dict[str, str]:
+        """The ``PG*`` variables that point libpq (psql, ...) straight at the
+        emulated endpoint, bypassing any proxy; add ``PGPASSWORD``."""
+        return {
             "PGHOST": self.host,
             "PGHOSTADDR": "127.0.0.1",
             "PGPORT": str(self.port),
@@ -236,7 +251,7 @@ class Emulator:
         logs in as the signed-in identity). The fake CLIs come first on PATH.
         Contains secrets."""
         env = {k: v for k, v in self.env().items()
-               if k not in ("DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET", "PGUSER")}
+               if k not in ("DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET", "LAKEBASE_USER")}
         ident = self.identity
         env["DATABRICKS_AUTH_TYPE"] = method
         env["PATH"] = f"{self.bin_dir}:/usr/bin:/bin"

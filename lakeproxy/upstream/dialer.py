@@ -21,7 +21,8 @@ import asyncio
 import logging
 import math
 import ssl
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Final
 
 from lakeproxy.auth.cache import CachedCredentials
@@ -29,8 +30,8 @@ from lakeproxy.auth.databricks import DatabricksApi
 from lakeproxy.auth.provider import Credential
 from lakeproxy.auth.signin import make_signin
 from lakeproxy.auth.status import TargetStatus
-from lakeproxy.config import Config, DatabricksConfig, EndpointConfig
-from lakeproxy.errors import CredentialError, UpstreamConnectError
+from lakeproxy.config import Config, DatabricksConfig, EndpointConfig, name_sources
+from lakeproxy.errors import CredentialError, LakeproxyError, UpstreamConnectError
 from lakeproxy.metrics import Metrics
 from lakeproxy.upstream.cancel import send_cancel
 from lakeproxy.upstream.dial import connect_with_retry
@@ -72,8 +73,11 @@ class EndpointDialer:
         credentials: CachedCredentials,
         *,
         metrics: Metrics | None = None,
+        sources: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.config = config
+        #: Where the workspace settings came from (``Config.sources``), for hints.
+        self.sources = sources
         self.credentials = credentials
         self.metrics = metrics
         self._groups: TlsGroups = "p256"
@@ -109,6 +113,16 @@ class EndpointDialer:
         if self.config.user is not None:
             return self.config.user
         return await self.credentials.identity(deadline=deadline)
+
+    @contextmanager
+    def hints_named(self) -> Iterator[None]:
+        """Errors raised inside get hints naming where each value came from (the
+        file and key, the profile or the variable), not always the variable."""
+        try:
+            yield
+        except LakeproxyError as exc:
+            exc.hint = name_sources(exc.hint, self.config.sources, self.sources)
+            raise
 
     @property
     def status(self) -> TargetStatus | None:
@@ -211,6 +225,10 @@ class EndpointDialer:
             self._host = host
 
     async def connect(self, params: Mapping[str, str], *, deadline: float) -> UpstreamConnection:
+        with self.hints_named():
+            return await self._connect(params, deadline=deadline)
+
+    async def _connect(self, params: Mapping[str, str], *, deadline: float) -> UpstreamConnection:
         if "user" not in params:  # no role configured: the signed-in identity's
             params = {**params, "user": await self.role(deadline=deadline)}
         target = await self.target(deadline=deadline)
@@ -276,4 +294,4 @@ def build_dialer(
     creds = CachedCredentials(
         make_api(config.databricks, endpoint), on_request=on_request, on_credential=on_credential
     )
-    return EndpointDialer(endpoint, creds, metrics=metrics)
+    return EndpointDialer(endpoint, creds, metrics=metrics, sources=config.sources)

@@ -23,7 +23,7 @@ async def _check(env: dict[str, str]) -> tuple[int, str, str]:
 
 async def test_check_passes_with_one_line_per_step(emulator: Emulator) -> None:
     env = dict(emulator.env())
-    del env["PGHOST"]  # exercise the host lookup step too
+    del env["LAKEBASE_HOST"]  # exercise the host lookup step too
     code, out, err = await _check(env)
     assert code == 0, out + err
     lines = [ln for ln in out.splitlines() if ln.startswith("[")]
@@ -49,12 +49,12 @@ async def test_check_failure_names_step_cause_and_fix(emulator: Emulator) -> Non
 
 async def test_check_tls_verification_failure_is_reported(emulator: Emulator) -> None:
     env = dict(emulator.env())
-    env["PGHOST"] = "wrong-name.example.com"
+    env["LAKEBASE_HOST"] = "wrong-name.example.com"
     code, out, _ = await _check(env)
     assert code == 1
     assert "[FAIL] TCP+TLS" in out
     assert "fix:" in out
-    assert "PGSSLROOTCERT" in out
+    assert "LAKEBASE_SSLROOTCERT" in out
 
 
 async def test_check_prints_the_sign_in_method_and_identity(emulator: Emulator) -> None:

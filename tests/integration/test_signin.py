@@ -132,7 +132,7 @@ async def test_azure_msi_app_service_endpoint(emulator: Emulator, proxy: ProxyFa
 async def test_a_configured_role_wins_over_the_identity(
     emulator: Emulator, proxy: ProxyFactory
 ) -> None:
-    env = {**emulator.signin_env("azure-cli"), "PGUSER": emulator.identity.user}
+    env = {**emulator.signin_env("azure-cli"), "LAKEBASE_USER": emulator.identity.user}
     async with asyncio.timeout(30):
         p = await proxy(env)
         assert await current_user(p) == emulator.identity.user
