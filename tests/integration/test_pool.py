@@ -570,7 +570,7 @@ async def test_reload_drops_parked_sessions_only_when_the_endpoint_changes(
         p.runtime.reload()
         assert len(p.server.pool) == 1
         assert p.server.pool.max_idle == 5
-        monkeypatch.setenv("PGPORT", str(emulator.port + 1))  # another endpoint
+        monkeypatch.setenv("LAKEBASE_PORT", str(emulator.port + 1))  # another endpoint
         p.runtime.reload()
         assert len(p.server.pool) == 0
     assert metric(p, "lakeproxy_pool_discards_total", reason="reload") == 1
