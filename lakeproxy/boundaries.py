@@ -261,7 +261,9 @@ class _TrackUp(_Ends, asyncio.BufferedProtocol):
             return
         if at:
             self.peer.write(bytes(data[:at]) if self.copy else data[:at])
-        cast("TrackedSplice", self.splice)._terminated()
+        splice = self.splice
+        if splice is not None:  # None once the splice has ended (no cycle kept)
+            cast("TrackedSplice", splice)._terminated()
 
 
 class _TrackDown(_Half):
@@ -348,6 +350,7 @@ class TrackedSplice(Splice):
         upstream.pause_reading()
         upstream.set_protocol(_Held())
         self._done.set_result(SpliceResult("client", None, self.bytes_up, self.bytes_down))
+        self._up.splice = self._down.splice = None  # as _finish does: no cycle kept
         if not client.is_closing():
             pending = client.get_write_buffer_size()
             client.close()

@@ -99,3 +99,29 @@ async def test_ended_sessions_leave_no_tls_transport_behind(
             await _until_no_sessions(p)
             await asyncio.sleep(0.2)  # the transports' last callbacks
             assert _tls_transports() == before
+
+
+async def test_pooled_sessions_leave_no_splice_behind(
+    emulator: Emulator, proxy: ProxyFactory
+) -> None:
+    """Session reuse: the client's Terminate parks the endpoint session (its TLS
+    transport rightly stays, in the pool); the tracked splice that carried the
+    client must go with the client."""
+    from lakeproxy.boundaries import TrackedSplice
+
+    def splices() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, TrackedSplice))
+
+    async with asyncio.timeout(T):
+        p = await proxy(emulator, LAKEPROXY_POOL_MODE="session")
+        await _copy_out(p)  # warm, and one endpoint session parked
+        await _until_no_sessions(p)
+        with _no_cycle_collector():
+            for _ in range(3):
+                await _copy_out(p)  # Terminate: parked again
+                await _until_no_sessions(p)
+
+            async def none_left() -> bool:  # once each park (an endpoint reset) is done
+                return splices() == 0
+
+            await eventually(none_left, timeout=10)
