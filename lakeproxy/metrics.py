@@ -177,6 +177,12 @@ class Metrics:
             ("kind",),
             registry=reg,
         )
+        self._remints_limited = Counter(
+            "lakeproxy_credential_remints_limited_total",
+            "Re-mints of a database credential the endpoint refused that waited for the "
+            "minimum interval between mints.",
+            registry=reg,
+        )
         for outcome in OUTCOMES:
             self._connections.labels(outcome)
         for kind in CREDENTIAL_KINDS:
@@ -262,6 +268,10 @@ class Metrics:
             _check(kind, CREDENTIAL_KINDS, "kind"),
             _check(result, CREDENTIAL_RESULTS, "result"),
         ).inc()
+
+    def credential_remint_limited(self) -> None:
+        """Count one re-mint held back by the minimum interval between mints."""
+        self._remints_limited.inc()
 
     def credential_expiry(self, kind: CredentialKind, expires_wall: float) -> None:
         """Record when the credential of ``kind`` now held expires.
