@@ -3,6 +3,12 @@
 :class:`ProxyServer` binds every listener of every endpoint, keeps its own
 ``set`` of live sessions (uvloop's Server has no ``close_clients``), enforces
 ``max_clients`` and drains on shutdown. :func:`serve` is ``lakeproxy run``.
+
+Listeners are accepted on by :class:`_Acceptor`, not ``loop.create_server``:
+``accept()`` is the only call that still knows the address of a client that
+reset its connection at once (``getpeername()`` then fails with ENOTCONN, and
+uvloop's transports read the peer name lazily, after ``accept()``), and the
+session log must name the client.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import os
 import socket
 import ssl
@@ -24,7 +31,14 @@ from lakeproxy.config import Config, EndpointConfig, Listener
 from lakeproxy.errors import LakeproxyError, ShuttingDown, TooManyConnections
 from lakeproxy.log import fields as log_fields
 from lakeproxy.metrics import Metrics, Outcome
-from lakeproxy.session import ClientAuthenticator, ClientProtocol, Dialer, Session, SessionHooks
+from lakeproxy.session import (
+    ClientAuthenticator,
+    ClientProtocol,
+    Dialer,
+    Session,
+    SessionHooks,
+    format_peer,
+)
 
 log = logging.getLogger("lakeproxy.server")
 
@@ -58,10 +72,11 @@ class ProxyServer:
         self.listening = False
         self.draining = False
         self.max_clients = config.max_clients
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[_Acceptor] = []
         self._authenticator = authenticator
         self._tls_context = tls_context
         self._unix_paths: list[str] = []
+        self._accept_error_logged = -math.inf
         self._current: list[SessionHooks] = []
         self.bound: list[str] = []
         metrics.set_live_bytes(self._live_bytes)
@@ -93,18 +108,19 @@ class ProxyServer:
         try:
             for index, ep in enumerate(self.endpoints):
 
-                def factory(index: int = index) -> ClientProtocol:
+                def factory(peer: str, unix: bool, index: int = index) -> ClientProtocol:
                     self.metrics.session_started()
                     # Looked up per connection, so a reload applies to new clients.
                     hooks = self._current[index]
-                    return ClientProtocol(hooks, self.sessions, self._session_finished)
+                    return ClientProtocol(hooks, self.sessions, self._session_finished,
+                                          peer=peer, unix=unix)
 
                 for listener in ep.config.listen:
                     try:
-                        server = await self._bind(loop, listener, factory)
+                        acceptors = await self._bind(loop, listener, factory)
                     except OSError as exc:
                         raise bind_error(f"cannot listen on {listener.describe()}", exc) from exc
-                    self._servers.append(server)
+                    self._servers.extend(acceptors)
         except BaseException:
             await self.close_listeners()
             raise
@@ -114,24 +130,36 @@ class ProxyServer:
         self,
         loop: asyncio.AbstractEventLoop,
         listener: Listener,
-        factory: Callable[[], ClientProtocol],
-    ) -> asyncio.Server:
+        factory: _Factory,
+    ) -> list[_Acceptor]:
         if listener.kind == "unix" and listener.path is not None:
             path = listener.path  # DIR/.s.PGSQL.PORT, the name libpq looks for
             _remove_stale_socket(path)
-            server = await loop.create_unix_server(factory, path=path, backlog=1024)
-            # As PostgreSQL's default unix_socket_permissions; the directory guards access.
-            os.chmod(path, 0o777)  # noqa: S103
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(path)
+                # As PostgreSQL's default unix_socket_permissions; the directory guards access.
+                os.chmod(path, 0o777)  # noqa: S103
+                sock.listen(_BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
             self._unix_paths.append(path)
             self.bound.append(f"unix:{path}")
-            return server
-        server = await loop.create_server(
-            factory, host=listener.host, port=listener.port, backlog=1024, reuse_address=True
-        )
-        for sock in server.sockets:
+            return [_Acceptor(loop, sock, factory, self._accept_failed)]
+        socks = await _tcp_sockets(loop, listener.host, listener.port)
+        for sock in socks:
             host, port = sock.getsockname()[:2]
             self.bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        return server
+        return [_Acceptor(loop, sock, factory, self._accept_failed) for sock in socks]
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """``accept()`` failed (e.g. EMFILE: out of file descriptors); the acceptor
+        pauses briefly so that a persistent error does not spin the loop."""
+        now = time.monotonic()
+        if now - self._accept_error_logged >= 1.0:  # at most one line a second
+            self._accept_error_logged = now
+            log.warning("cannot accept a connection: %s", os.strerror(exc.errno or 0) or exc)
 
     def reconfigure(
         self,
@@ -157,7 +185,7 @@ class ProxyServer:
 
     def bound_port(self, index: int = 0) -> int:
         """Port of the ``index``-th TCP listener (useful when configured with port 0)."""
-        tcp = [s for srv in self._servers for s in srv.sockets if s.family != socket.AF_UNIX]
+        tcp = [a.sock for a in self._servers if a.sock.family != socket.AF_UNIX]
         return int(tcp[index].getsockname()[1])
 
     async def close_listeners(self) -> None:
@@ -166,6 +194,9 @@ class ProxyServer:
         servers, self._servers = self._servers, []
         for server in servers:
             server.close()
+        # Connections accepted just before become sessions (and are drained) too.
+        for server in servers:
+            await server.wait_handed_over()
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -248,6 +279,137 @@ class ProxyServer:
         if r.error:
             values["error"] = r.error
         log.log(level, "session end", extra=log_fields(**values))
+
+
+#: Listen backlog of every listener.
+_BACKLOG = 1024
+#: Connections accepted per wake-up of a listener before other work runs.
+_ACCEPT_BATCH = 64
+#: After an accept() error (EMFILE, ENFILE, ENOBUFS, ...), seconds before trying again.
+_ACCEPT_ERROR_PAUSE = 0.1
+
+#: Builds the protocol for a connection accepted from ``peer`` (``unix``: on a unix socket).
+_Factory = Callable[[str, bool], ClientProtocol]
+
+
+class _Acceptor:
+    """Accepts connections on one listening socket and hands each to the loop.
+
+    ``accept()`` gives the client's address even when the client has already
+    reset the connection; it is passed to the protocol factory with the
+    connection, so every session can be logged with it.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        factory: _Factory,
+        on_error: Callable[[OSError], None],
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self._factory = factory
+        self._on_error = on_error
+        self._unix = sock.family == socket.AF_UNIX
+        self._pending: set[asyncio.Task[object]] = set()
+        self._retry: asyncio.TimerHandle | None = None
+        self._closed = False
+        sock.setblocking(False)
+        loop.add_reader(sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:  # reset while queued (some systems): next one
+                continue
+            except OSError as exc:
+                self._on_error(exc)
+                self._pause()
+                return
+            self._hand_over(conn, addr)
+
+    def _hand_over(self, conn: socket.socket, addr: object) -> None:
+        conn.setblocking(False)
+        if self._unix:
+            peer = "unix"
+        else:
+            with contextlib.suppress(OSError):  # already reset: the session sees that
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = format_peer(addr)
+        unix = self._unix
+        task: asyncio.Task[object] = self.loop.create_task(
+            self.loop.connect_accepted_socket(lambda: self._factory(peer, unix), sock=conn)
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._handed_over)
+
+    def _handed_over(self, task: asyncio.Task[object]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The socket went away between accept() and the transport (rare).
+            log.debug("accepted connection lost before it started: %r", task.exception())
+
+    def _pause(self) -> None:
+        if self._closed:
+            return
+        self.loop.remove_reader(self.sock.fileno())
+        self._retry = self.loop.call_later(_ACCEPT_ERROR_PAUSE, self._resume)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if not self._closed:
+            self.loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    async def wait_handed_over(self) -> None:
+        """Until every connection accepted so far has its protocol (and session)."""
+        if self._pending:
+            await asyncio.wait(list(self._pending))
+
+    def close(self) -> None:
+        """Stop accepting and close the listening socket (accepted connections stay)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+        else:
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+async def _tcp_sockets(
+    loop: asyncio.AbstractEventLoop, host: str, port: int
+) -> list[socket.socket]:
+    """Listening sockets for ``host``:``port``, one per address the name resolves
+    to (as ``loop.create_server`` binds them: SO_REUSEADDR, IPv6 sockets v6-only).
+
+    Raises OSError (the first address that cannot be bound).
+    """
+    infos = await loop.getaddrinfo(host or None, port, family=socket.AF_UNSPEC,
+                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    seen: set[tuple[int, object]] = set()
+    try:
+        for family, type_, proto, _name, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(_BACKLOG)
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
 
 
 class _SocketPathInUse(OSError):

@@ -22,6 +22,7 @@ from typing import Final, Protocol, cast
 
 from lakeproxy.cancel import CancelRegistry, CancelTarget
 from lakeproxy.errors import (
+    ClientNotAllowed,
     ClientProtocolError,
     LakeproxyError,
     ShuttingDown,
@@ -29,7 +30,6 @@ from lakeproxy.errors import (
     UpstreamRejected,
 )
 from lakeproxy.splice import Splice, SpliceResult
-from lakeproxy.wire import sqlstate
 from lakeproxy.wire.client_handshake import (
     NEED_DATA,
     CancelRequested,
@@ -174,9 +174,19 @@ class ClientProtocol(asyncio.Protocol):
     """Owns the accepted transport until the splice takes it over."""
 
     def __init__(
-        self, hooks: SessionHooks, registry: set[Session], on_finished: Callable[[Session], None]
+        self,
+        hooks: SessionHooks,
+        registry: set[Session],
+        on_finished: Callable[[Session], None],
+        *,
+        peer: str | None = None,
+        unix: bool = False,
     ) -> None:
         self._hooks = hooks
+        #: The client's address as accept() gave it (None: ask the transport).
+        self.peer = peer
+        #: Accepted on a unix-socket listener (never subject to client TLS ``require``).
+        self.unix = unix
         self._registry = registry
         self._on_finished = on_finished
         self.handshake = ClientHandshake()
@@ -277,8 +287,10 @@ class Session:
         self.conn = conn
         self.hooks = hooks
         self.transport = transport
-        peer = self.transport.get_extra_info("peername")
-        self.record = SessionRecord(client=_format_peer(peer))
+        peer = conn.peer
+        if peer is None:
+            peer = format_peer(self.transport.get_extra_info("peername"))
+        self.record = SessionRecord(client=peer)
         self.task: asyncio.Task[None] | None = None
         self.connecting = False
         self.splice: Splice | None = None
@@ -307,6 +319,11 @@ class Session:
             self.record.outcome = "client_timeout"
             self.transport.abort()
         except ProtocolError as exc:
+            if not exc.reply:  # as PostgreSQL: logged (session end), no answer
+                self.record.outcome = "client_error"
+                self.record.error = str(exc)
+                self.transport.close()
+                return
             self._fail(ClientProtocolError(str(exc), sqlstate=exc.sqlstate))
         except LakeproxyError as exc:
             self._fail(exc)
@@ -362,12 +379,13 @@ class Session:
             if isinstance(ev, StartupReceived):
                 break
             raise ClientProtocolError(f"unexpected {type(ev).__name__} before startup")
-        if hooks.tls_required and not tls_on:
-            raise LakeproxyError(
-                "TLS required",
+        # libpq never uses TLS on a unix socket: require applies to TCP only.
+        if hooks.tls_required and not tls_on and not conn.unix:
+            # The client's error (outcome client_error, logged at INFO), not ours.
+            raise ClientNotAllowed(
+                "plaintext client refused: LAKEPROXY_CLIENT_TLS=require",
                 client_message="lakeproxy: this proxy requires an encrypted connection",
                 hint="connect with sslmode=require (or stronger)",
-                sqlstate=sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
             )
         startup = ev.message
         database = startup.params.get("database") or hooks.default_database
@@ -596,7 +614,8 @@ def _outcome(exc: LakeproxyError) -> str:
     }[exc.kind]
 
 
-def _format_peer(peer: object) -> str:
+def format_peer(peer: object) -> str:
+    """``host:port`` (``[v6]:port``) of a socket address, else ``unix``."""
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = peer[0], peer[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
