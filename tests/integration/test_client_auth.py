@@ -296,3 +296,49 @@ async def test_unix_socket_listener_is_exempt_from_require(
             assert "requires an encrypted connection" in err
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+#: Passwords SASLprep refuses (a control character; a right-to-left letter before
+#: a left-to-right one). PostgreSQL and libpq salt such a password as it is.
+ODD_PASSWORDS = ("bell\x07ringer-" + "9c" * 8, "\u05d0mixed-bidi-" + "4e" * 8)
+
+
+async def test_password_saslprep_refuses_works_at_start_up(emulator: Emulator) -> None:
+    """Never a traceback: the proxy starts with such a password and psql (libpq)
+    logs in with it."""
+    first = ODD_PASSWORDS[0]
+    env = _env(emulator, LAKEPROXY_CLIENT_PASSWORD=first)
+    async with asyncio.timeout(T), running(env) as p:
+        info = f"host=127.0.0.1 port={p.tcp_port()} dbname={DB}"
+        code, out, err = await psql(info, "SELECT 1", password=first)
+        assert (code, out) == (0, "1\n"), err
+        code, _, err = await psql(info, "SELECT 1", password="bellringer")
+        assert code == 2
+        assert "password authentication failed" in err
+        p.signal(signal.SIGTERM)
+        assert await p.wait() == 0
+    assert "Traceback" not in p.output
+
+
+async def test_password_saslprep_refuses_works_after_sighup(
+    emulator: Emulator, tmp_path: Path,
+) -> None:
+    """The file's password changes to one SASLprep refuses: the reload applies it
+    (no asyncio traceback) and psql logs in with it."""
+    second = ODD_PASSWORDS[1]
+    config = tmp_path / "lakeproxy.toml"
+    config.write_text('[proxy]\nclient_password = "correct-horse-battery"\n')
+    env = _env(emulator, LAKEPROXY_CONFIG=str(config))
+    async with asyncio.timeout(T), running(env) as p:
+        info = f"host=127.0.0.1 port={p.tcp_port()} dbname={DB}"
+        escaped = second.encode("unicode_escape").decode()  # \u05d0..., as TOML writes it
+        config.write_text(f'[proxy]\nclient_password = "{escaped}"\n')
+        mark = len(p.stderr)
+        p.signal(signal.SIGHUP)
+        await p.wait_for_line("configuration reloaded|reload failed", after=mark)
+        code, out, err = await psql(info, "SELECT 2", password=second)
+        assert (code, out) == (0, "2\n"), err + p.output
+        p.signal(signal.SIGTERM)
+        assert await p.wait() == 0
+    assert "Traceback" not in p.output
+    assert not p.lines_matching("reload failed")
