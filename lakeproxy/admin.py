@@ -5,9 +5,10 @@
   ``{"status": "not ready", "reason": ...}``.
 - ``GET /metrics``: the Prometheus text format.
 
-The probes only *read* state the proxy already holds (:class:`ReadinessSource`).
-They never dial the endpoint and never call the credential API: a probe must
-not wake a scaled-to-zero compute, nor keep one awake.
+The probes only *read* state the proxy already holds: ``/readyz`` is
+:func:`lakeproxy.readiness.not_ready_reason`, the same rule a ``pg_isready``
+ping on a client listener gets. They never dial the endpoint and never call the
+credential API: a probe must not wake a scaled-to-zero compute, nor keep one awake.
 
 Requests are logged at DEBUG only (``lakeproxy.admin.access``), so a probe every
 few seconds does not flood the info log.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from typing import Final, Protocol
+from typing import Final
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -26,70 +27,28 @@ from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
 from lakeproxy.metrics import CONTENT_TYPE, Metrics
+from lakeproxy.readiness import (
+    REASON_AT_LIMIT,
+    REASON_DRAINING,
+    REASON_INTERNAL,
+    REASON_NO_CREDENTIAL,
+    REASON_NOT_LISTENING,
+    ReadinessSource,
+    not_ready_reason,
+)
+
+__all__ = [
+    "REASON_AT_LIMIT", "REASON_DRAINING", "REASON_INTERNAL", "REASON_NOT_LISTENING",
+    "REASON_NO_CREDENTIAL", "AdminServer", "ReadinessSource", "not_ready_reason",
+]
 
 log = logging.getLogger("lakeproxy.admin")
 access_log = logging.getLogger("lakeproxy.admin.access")
-
-#: ``reason`` values of a 503 from ``/readyz`` (stable: scripts may match them).
-REASON_NOT_LISTENING: Final = "not listening yet"
-REASON_DRAINING: Final = "draining"
-REASON_NO_CREDENTIAL: Final = "no usable credential"
-REASON_AT_LIMIT: Final = "at the client limit"
-REASON_INTERNAL: Final = "readiness check failed"
 
 #: Seconds :meth:`AdminServer.stop` waits for in-flight admin requests.
 SHUTDOWN_TIMEOUT: Final = 2.0
 
 _NO_STORE: Final = {"Cache-Control": "no-store"}
-
-
-class ReadinessSource(Protocol):
-    """What the admin server reads from the proxy. Every member must be cheap
-    and must not do I/O: no endpoint connection, no credential request."""
-
-    @property
-    def listening(self) -> bool:
-        """True once every listener is bound."""
-        ...
-
-    @property
-    def draining(self) -> bool:
-        """True from SIGTERM/SIGINT on."""
-        ...
-
-    @property
-    def active_clients(self) -> int:
-        """Client connections open now."""
-        ...
-
-    @property
-    def max_clients(self) -> int:
-        """``LAKEPROXY_MAX_CLIENTS``; 0 or less means no limit."""
-        ...
-
-    def credentials_ready(self) -> bool:
-        """True if a usable credential is held or the last credential request succeeded."""
-        ...
-
-
-def not_ready_reason(state: ReadinessSource) -> str | None:
-    """Return why the proxy is not ready, or None when it is.
-
-    Checks, in order: draining, listeners bound, credential, client limit.
-    Only reads ``state``; never does I/O.
-
-    Raises:
-        Exception: whatever ``state`` raises (the handler turns it into a 503).
-    """
-    if state.draining:
-        return REASON_DRAINING
-    if not state.listening:
-        return REASON_NOT_LISTENING
-    if not state.credentials_ready():
-        return REASON_NO_CREDENTIAL
-    if 0 < state.max_clients <= state.active_clients:
-        return REASON_AT_LIMIT
-    return None
 
 
 class _DebugAccessLogger(AbstractAccessLogger):
@@ -180,11 +139,7 @@ class AdminServer:
         return web.Response(text="ok\n", headers=_NO_STORE)
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        try:
-            reason = not_ready_reason(self._state)
-        except Exception:
-            log.exception("readiness check raised")
-            reason = REASON_INTERNAL
+        reason = not_ready_reason(self._state)
         if reason is None:
             return _json(200, {"status": "ready"})
         return _json(503, {"status": "not ready", "reason": reason})

@@ -36,10 +36,14 @@ from prometheus_client.registry import Collector
 #: ``Content-Type`` of :meth:`Metrics.render`'s output (Prometheus text 0.0.4).
 CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 
-#: Values of ``lakeproxy_client_connections_total{outcome}``:
+#: Values of ``lakeproxy_client_connections_total{outcome}`` (and of ``outcome``
+#: in the ``session end`` log line: the same words):
 #:
 #: - ``ok``: the session ran and ended normally (either side closed);
-#: - ``client_error``: the client broke the protocol, timed out or gave a wrong password;
+#: - ``cancel``: a CancelRequest, forwarded to the endpoint or dropped;
+#: - ``probe``: a ``pg_isready`` ping the proxy answered itself;
+#: - ``client_error``: the client broke the protocol, timed out, hung up before its
+#:   session started or gave a wrong password;
 #: - ``credential_error``: the credential API refused, or failed until the deadline;
 #: - ``upstream_error``: endpoint unreachable, rejected the login, or reset mid-session;
 #: - ``rejected``: refused by policy before a session started;
@@ -47,7 +51,7 @@ CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 #: - ``shutdown``: refused while draining, or closed at the drain deadline;
 #: - ``internal``: an unexpected exception in lakeproxy (a bug).
 Outcome = Literal[
-    "ok", "client_error", "credential_error", "upstream_error",
+    "ok", "cancel", "probe", "client_error", "credential_error", "upstream_error",
     "rejected", "too_many", "shutdown", "internal",
 ]  # fmt: skip
 OUTCOMES: Final[tuple[str, ...]] = get_args(Outcome)

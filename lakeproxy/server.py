@@ -30,7 +30,8 @@ from lakeproxy.cancel import CancelRegistry
 from lakeproxy.config import Config, EndpointConfig, Listener
 from lakeproxy.errors import LakeproxyError, ShuttingDown, TooManyConnections
 from lakeproxy.log import fields as log_fields
-from lakeproxy.metrics import Metrics, Outcome
+from lakeproxy.metrics import Metrics
+from lakeproxy.readiness import not_ready_reason
 from lakeproxy.session import (
     ClientAuthenticator,
     ClientProtocol,
@@ -53,7 +54,7 @@ class Endpoint:
 
 
 class ProxyServer:
-    """All listeners of one lakeproxy process. Implements admin's ReadinessSource."""
+    """All listeners of one lakeproxy process. Implements readiness.ReadinessSource."""
 
     def __init__(
         self,
@@ -236,6 +237,7 @@ class ProxyServer:
             connect_deadline=self.config.connect_deadline,
             cancels=self.cancels,
             admit=self._admit,
+            not_ready=self._not_ready_for_ping,
             tls_context=self._tls_context,
             tls_required=self.config.client_tls == "require",
             authenticator=self._authenticator,
@@ -259,12 +261,17 @@ class ProxyServer:
             )
         return None
 
+    def _not_ready_for_ping(self) -> str | None:
+        # The ping's own connection is one of self.sessions: count it out.
+        return not_ready_reason(self, asking=1)
+
     def _session_finished(self, session: Session) -> None:
         r = session.record
-        self.metrics.session_finished(_METRIC_OUTCOME.get(r.outcome, "internal"),
-                                      r.bytes_up, r.bytes_down)
+        self.metrics.session_finished(r.outcome, r.bytes_up, r.bytes_down)
         duration = time.monotonic() - r.started
-        level = logging.ERROR if r.outcome == "internal" else logging.INFO
+        level = (logging.ERROR if r.outcome == "internal"
+                 else logging.DEBUG if r.outcome == "probe"  # one every few seconds
+                 else logging.INFO)
         values: dict[str, object] = {
             "client": r.client,
             "database": r.database,
@@ -449,19 +456,3 @@ def _remove_stale_socket(path: str) -> None:
         else:
             raise _SocketPathInUse(errno.EADDRINUSE, "another server is listening there")
     os.unlink(path)
-
-
-#: Session outcomes (SessionRecord.outcome) -> the metric's outcome label.
-_METRIC_OUTCOME: dict[str, Outcome] = {
-    "ok": "ok",
-    "cancel": "ok",
-    "client_gone": "client_error",
-    "client_timeout": "client_error",
-    "client_error": "client_error",
-    "credential_error": "credential_error",
-    "upstream_error": "upstream_error",
-    "rejected": "rejected",
-    "too_many": "too_many",
-    "shutdown": "shutdown",
-    "internal": "internal",
-}

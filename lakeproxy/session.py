@@ -29,7 +29,9 @@ from lakeproxy.errors import (
     TooManyConnections,
     UpstreamRejected,
 )
+from lakeproxy.metrics import Outcome
 from lakeproxy.splice import Splice, SpliceResult
+from lakeproxy.wire import sqlstate
 from lakeproxy.wire.client_handshake import (
     NEED_DATA,
     CancelRequested,
@@ -43,6 +45,7 @@ from lakeproxy.wire.client_handshake import (
 )
 from lakeproxy.wire.codec import (
     AuthenticationOk,
+    AuthenticationSASL,
     BackendKeyData,
     ErrorResponse,
     PasswordKind,
@@ -71,6 +74,13 @@ _TLS_RECORD: Final = bytes((TLS_HANDSHAKE_RECORD,))
 
 #: The ALPN protocol a direct TLS client must offer (as PostgreSQL 17 requires).
 ALPN_POSTGRESQL: Final = "postgresql"
+
+#: libpq's fallback application name in pg_isready's startup (PQping), see
+#: src/bin/scripts/pg_isready.c: ``fallback_application_name = progname``.
+PING_APPLICATION_NAME: Final = "pg_isready"
+
+#: The SASL mechanism offered to a ready ping (RFC 7677).
+SCRAM_SHA_256: Final = "SCRAM-SHA-256"
 
 
 class Upstream(Protocol):
@@ -133,6 +143,9 @@ class SessionHooks:
     connect_deadline: float
     cancels: CancelRegistry[Dialer]
     admit: Callable[[], LakeproxyError | None]  # None when the client may proceed
+    #: Why the proxy is not ready for new clients (the /readyz rule), None when it
+    #: is; asked by a pg_isready ping, counting that ping's own connection out.
+    not_ready: Callable[[], str | None]
     tls_context: ssl.SSLContext | None = None
     tls_required: bool = False
     authenticator: Callable[[], ClientAuthenticator] | None = None
@@ -145,7 +158,7 @@ class SessionRecord:
 
     client: str
     database: str = ""
-    outcome: str = "ok"
+    outcome: Outcome = "ok"
     sqlstate: str = ""
     closed_by: str = ""
     bytes_up: int = 0
@@ -313,10 +326,13 @@ class Session:
         try:
             await self._run()
         except _ClientGone:
-            self.record.outcome = self.record.outcome if self.record.sqlstate else "client_gone"
+            if not self.record.sqlstate:  # else what the client was told stands
+                self.record.outcome = "client_error"
+            self.record.error = self.record.error or "client hung up"
             self.transport.abort()
         except TimeoutError:
-            self.record.outcome = "client_timeout"
+            self.record.outcome = "client_error"
+            self.record.error = "login timeout"
             self.transport.abort()
         except ProtocolError as exc:
             if not exc.reply:  # as PostgreSQL: logged (session end), no answer
@@ -331,18 +347,19 @@ class Session:
             if not self.conn.gone:
                 self._fail(ShuttingDown("lakeproxy: terminating connection: proxy shutting down"))
             else:
-                self.record.outcome = "client_gone"
+                self.record.outcome = "client_error"
+                self.record.error = self.record.error or "client hung up"
             self.transport.abort()
         except (ssl.SSLError, ConnectionError) as exc:
             # Only the client's TLS handshake raises these here (garbage after 'S',
             # a cut ClientHello, a reset): the client's fault, and no one to tell.
-            self.record.outcome = "client_error" if isinstance(exc, ssl.SSLError) else "client_gone"
+            self.record.outcome = "client_error"
             self.record.error = type(exc).__name__
             self.transport.abort()
         except Exception as exc:
             if self.conn.hung_up():
                 # e.g. uvloop raising on a write to a transport the client just reset
-                self.record.outcome = "client_gone"
+                self.record.outcome = "client_error"
                 self.record.error = type(exc).__name__
                 self.transport.abort()
                 return
@@ -377,6 +394,9 @@ class Session:
                 await self._forward_cancel(ev)
                 return
             if isinstance(ev, StartupReceived):
+                if ev.message.params.get("application_name") == PING_APPLICATION_NAME:
+                    self._answer_ping(ev)
+                    return
                 break
             raise ClientProtocolError(f"unexpected {type(ev).__name__} before startup")
         # libpq never uses TLS on a unix socket: require applies to TCP only.
@@ -417,6 +437,35 @@ class Session:
             upstream.transport.abort()
             raise _ClientGone
         await self._relay_startup(upstream)
+
+    def _answer_ping(self, ev: StartupReceived) -> None:
+        """Answer a ``pg_isready`` ping here: no credential, no dial.
+
+        libpq's PQping reports "accepting connections" as soon as the server
+        asks for authentication, and "rejecting connections" on SQLSTATE 57P03
+        (any other error counts as up). Ready (the /readyz rule): a SCRAM
+        request, then close; SCRAM rather than a password request, so a client
+        with a password set sends nothing secret. Not ready: FATAL 57P03 with
+        the reason. Asked before client TLS and password policy, so every ping
+        gets the real answer.
+        """
+        r = self.record
+        r.outcome = "probe"
+        r.database = ev.message.params.get("database", "")
+        reason = self.hooks.not_ready()
+        out = negotiate_bytes(ev.negotiate)
+        if reason is None:
+            out += encode(AuthenticationSASL((SCRAM_SHA_256,)))
+        else:
+            r.sqlstate = sqlstate.CANNOT_CONNECT_NOW
+            r.error = reason
+            out += encode(error_response(
+                sqlstate.CANNOT_CONNECT_NOW,
+                f"lakeproxy: not accepting connections: {reason}",
+                hint="GET /readyz on the admin server says the same",
+            ))
+        self.transport.write(out)
+        self.transport.close()
 
     async def _dial(self, params: dict[str, str], *, deadline: float) -> Upstream:
         """Dial the endpoint; give up as soon as the client hangs up.
@@ -543,14 +592,26 @@ class Session:
         r.outcome = "ok"
 
     async def _forward_cancel(self, ev: CancelRequested) -> None:
+        """Forward a client's CancelRequest, then close its connection.
+
+        libpq's PQcancel, and so psql, psycopg and asyncpg, read the close of the
+        cancel connection as "delivered" and send their next statement at once.
+        PostgreSQL closes it only after it has signalled the backend, so the
+        close waits here until the forward is done: the endpoint closed its
+        cancel connection, or the forward failed or timed out (``send_cancel``'s
+        bound). A key lakeproxy did not hand out is dropped at once.
+        """
         req = ev.request
-        self.transport.close()  # PostgreSQL closes the cancel connection at once
         target = self.hooks.cancels.lookup(req.process_id, req.secret)
         if target is None:
+            self.transport.close()
             log.info("cancel request for unknown key (pid %d) dropped", req.process_id)
             return
-        with contextlib.suppress(Exception):
-            await target.endpoint.cancel(target.process_id, target.secret)
+        try:
+            with contextlib.suppress(Exception):
+                await target.endpoint.cancel(target.process_id, target.secret)
+        finally:
+            self.transport.close()
 
     def _fail(self, exc: LakeproxyError) -> None:
         r = self.record
@@ -597,21 +658,24 @@ def _client_error(exc: LakeproxyError) -> ErrorResponse:
     return error_response(exc.sqlstate, msg, hint=exc.hint)
 
 
-def _outcome(exc: LakeproxyError) -> str:
+def _outcome(exc: LakeproxyError) -> Outcome:
     if isinstance(exc, UpstreamRejected):
         return "rejected"
     if isinstance(exc, TooManyConnections):
         return "too_many"
     if isinstance(exc, ShuttingDown):
         return "shutdown"
-    return {
-        "client": "client_error",
-        "credential": "credential_error",
-        "upstream": "upstream_error",
-        "capacity": "too_many",
-        "config": "internal",
-        "internal": "internal",
-    }[exc.kind]
+    return _OUTCOME_BY_KIND[exc.kind]
+
+
+_OUTCOME_BY_KIND: Final[dict[str, Outcome]] = {
+    "client": "client_error",
+    "credential": "credential_error",
+    "upstream": "upstream_error",
+    "capacity": "too_many",
+    "config": "internal",
+    "internal": "internal",
+}
 
 
 def format_peer(peer: object) -> str:

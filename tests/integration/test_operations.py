@@ -1,4 +1,5 @@
-"""The admin server as ``lakeproxy run`` serves it: probes, metrics, probe storms.
+"""The admin server as ``lakeproxy run`` serves it: probes, metrics, probe storms,
+and ``pg_isready`` answered by the proxy itself.
 
 Most tests run ``python -m lakeproxy run`` as a subprocess in front of the
 emulator (the same ``serve()`` users run); the one about the moment before the
@@ -8,7 +9,11 @@ listeners are bound builds the same parts in-process, in serve()'s order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+import signal
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 import asyncpg
@@ -23,7 +28,7 @@ from lakeproxy.emulator import Emulator
 from lakeproxy.emulator.api import POSTGRES_CREDENTIALS_PATH
 from lakeproxy.metrics import Metrics
 
-from .proxy_process import ProxyProcess, psql, running
+from .proxy_process import ProxyProcess, base_env, psql, running
 
 DB = "databricks_postgres"
 T = 60
@@ -201,3 +206,155 @@ async def test_probe_storm_leaves_a_suspended_compute_suspended(emulator: Emulat
         code, _, err = await psql(conninfo(p), "SELECT 1")
         assert code == 0, err
         assert fd.wakes == 1
+
+
+# --------------------------------------------------------------------------- pg_isready
+
+PG_ISREADY = shutil.which("pg_isready") or "/usr/lib/postgresql/15/bin/pg_isready"
+
+
+async def pg_isready(port: int) -> tuple[int, str]:
+    """Run the real ``pg_isready -h 127.0.0.1 -p port``: (exit status, what it printed)."""
+    child = await asyncio.create_subprocess_exec(
+        PG_ISREADY, "-h", "127.0.0.1", "-p", str(port), "-t", "10",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=base_env(),
+    )
+    out, err = await child.communicate()
+    assert child.returncode is not None
+    return child.returncode, (out + err).decode().strip()
+
+
+def _said(port: int, what: str) -> str:
+    return f"127.0.0.1:{port} - {what}"
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def _probes_counted(p: ProxyProcess, n: int) -> Samples:
+    """/metrics once ``probe`` reached ``n`` (a session is counted as its task ends)."""
+    deadline = time.monotonic() + 5
+    while (m := await scrape(p))[("lakeproxy_client_connections_total",
+                                  (("outcome", "probe"),))] < n:
+        assert time.monotonic() < deadline, m
+        await asyncio.sleep(0.02)
+    return m
+
+
+async def test_pg_isready_is_answered_without_waking_a_suspended_compute(
+    emulator: Emulator,
+) -> None:
+    """Ready proxy, compute scaled to zero: pg_isready says "accepting connections"
+    (exit 0), and no credential request, no connection to the endpoint is made."""
+    async with asyncio.timeout(T), running(_env(emulator)) as p:
+        await p.wait_ready()
+        port = p.tcp_port()
+        code, _, err = await psql(conninfo(p), "SELECT 1")  # the proxy has been used
+        assert code == 0, err
+        await emulator.frontdoor.suspend()
+        fd, ws = emulator.frontdoor, emulator.workspace
+        before = (fd.state, fd.wakes, fd.connections, fd.logins, sum(ws.calls.values()))
+        assert before[0] == "SUSPENDED"
+        ends = len(p.lines_matching("session end"))
+
+        for _ in range(5):
+            assert await pg_isready(port) == (0, _said(port, "accepting connections"))
+        after = (fd.state, fd.wakes, fd.connections, fd.logins, sum(ws.calls.values()))
+        assert after == before
+        m = await _probes_counted(p, 5)
+        assert m[("lakeproxy_client_connections_total", (("outcome", "probe"),))] == 5
+        assert m[("lakeproxy_client_connections_total", (("outcome", "rejected"),))] == 0
+        assert len(p.lines_matching("session end")) == ends  # probes log at debug only
+
+
+@contextlib.asynccontextmanager
+async def _handing_over(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+) -> AsyncIterator[int]:
+    """A loopback port whose first client is spliced onto an open connection
+    (``reader``/``writer``): lets a real client use a connection the proxy
+    accepted earlier. Yields the port."""
+
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            dst.write_eof()
+
+    async def handle(c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        await asyncio.gather(pump(c_reader, writer), pump(reader, c_writer))
+        c_writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield int(server.sockets[0].getsockname()[1])
+    finally:
+        server.close()
+        writer.close()
+
+
+async def test_pg_isready_while_draining_is_rejected(emulator: Emulator) -> None:
+    """SIGTERM with an open session holding the drain: the listeners are closed,
+    so a new pg_isready gets no answer (exit 2), and one on a connection the
+    proxy accepted before the drain gets 57P03 "draining" (exit 1)."""
+    env = _env(emulator, LAKEPROXY_SHUTDOWN_GRACE="30")
+    async with asyncio.timeout(T), running(env) as p:
+        await p.wait_ready()
+        port = p.tcp_port()
+        conn = await psycopg.AsyncConnection.connect(conninfo(p), autocommit=True)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            async with _handing_over(reader, writer) as early:
+                p.signal(signal.SIGTERM)
+                await p.wait_for_line("shutting down")
+                assert await p.readyz() == (503, "draining")
+                assert await pg_isready(port) == (2, _said(port, "no response"))
+                assert await pg_isready(early) == (1, _said(early, "rejecting connections"))
+                m = await _probes_counted(p, 1)
+            cur = await conn.execute("SELECT 1")  # the session holding the drain still works
+            assert await cur.fetchone() == (1,)
+        finally:
+            await conn.close()
+        assert await p.wait() == 0
+    assert m[("lakeproxy_client_connections_total", (("outcome", "shutdown"),))] == 0
+
+
+async def test_pg_isready_without_a_credential_then_at_the_client_limit(
+    emulator: Emulator,
+) -> None:
+    """No usable credential: exit 1, and the probe asked the API for none. At the
+    client limit: exit 1; below it, exit 0 (the probe's own connection does not
+    count). Logged at debug, outcome ``probe``."""
+    ws, fd = emulator.workspace, emulator.frontdoor
+    ws.inject(POSTGRES_CREDENTIALS_PATH, status=403)  # the start-up credential request
+    env = _env(emulator, LAKEPROXY_MAX_CLIENTS="1", LAKEPROXY_LOG_LEVEL="debug")
+    async with asyncio.timeout(T), running(env) as p:
+        port = p.tcp_port()
+        await p.wait_for_line("could not mint a credential")
+        assert await p.readyz() == (503, "no usable credential")
+        before = (sum(ws.calls.values()), fd.connections)
+        assert await pg_isready(port) == (1, _said(port, "rejecting connections"))
+        await _probes_counted(p, 1)
+        assert (sum(ws.calls.values()), fd.connections) == before
+
+        conn = await psycopg.AsyncConnection.connect(conninfo(p), autocommit=True)
+        try:  # this client got a credential, and is the limit
+            assert await p.readyz() == (503, "at the client limit")
+            assert await pg_isready(port) == (1, _said(port, "rejecting connections"))
+        finally:
+            await conn.close()
+        deadline = time.monotonic() + 5
+        while (ready := await p.readyz()) != (200, "ready"):
+            assert time.monotonic() < deadline, ready
+            await asyncio.sleep(0.02)
+        assert await pg_isready(port) == (0, _said(port, "accepting connections"))
+        m = await _probes_counted(p, 3)
+    for outcome, n in (("probe", 3), ("rejected", 0), ("credential_error", 0), ("ok", 1)):
+        assert m[("lakeproxy_client_connections_total", (("outcome", outcome),))] == n
+    probes = p.lines_matching("session end.*outcome=probe")
+    assert len(probes) == 3
+    assert all(" DEBUG " in line for line in probes), probes
+    assert sum("sqlstate=57P03" in line for line in probes) == 2
+    assert any("no usable credential" in line for line in probes), probes
+    assert any("at the client limit" in line for line in probes), probes

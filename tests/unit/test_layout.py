@@ -17,8 +17,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "lakeproxy"
 #: The first matching prefix decides (longest prefixes first within a floor).
 FLOORS: list[tuple[str, ...]] = [
     ("lakeproxy.wire", "lakeproxy.config", "lakeproxy.errors", "lakeproxy.log",
-     "lakeproxy.metrics", "lakeproxy.tls", "lakeproxy.cancel", "lakeproxy.auth.provider",
-     "lakeproxy.auth.backoff"),
+     "lakeproxy.metrics", "lakeproxy.readiness", "lakeproxy.tls", "lakeproxy.cancel",
+     "lakeproxy.auth.provider", "lakeproxy.auth.backoff"),
     ("lakeproxy.retry", "lakeproxy.client_auth", "lakeproxy.auth"),
     ("lakeproxy.upstream",),
     ("lakeproxy.splice", "lakeproxy.session"),

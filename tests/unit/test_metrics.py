@@ -69,9 +69,10 @@ def test_label_combinations_exist_at_zero_from_the_start() -> None:
     assert value(m, "lakeproxy_upstream_connect_seconds_count") == 0
 
 
-def test_outcomes_cover_the_brief() -> None:
+def test_outcomes_are_the_specs_words() -> None:
+    """SPEC "Operations": the only outcomes, in /metrics and the session end line."""
     assert set(OUTCOMES) == {
-        "ok", "client_error", "credential_error", "upstream_error",
+        "ok", "cancel", "probe", "client_error", "credential_error", "upstream_error",
         "rejected", "too_many", "shutdown", "internal",
     }
 
