@@ -319,7 +319,7 @@ class _Acceptor:
         self._factory = factory
         self._on_error = on_error
         self._unix = sock.family == socket.AF_UNIX
-        self._pending: set[asyncio.Task[object]] = set()
+        self._pending: set[asyncio.Task[None]] = set()
         self._retry: asyncio.TimerHandle | None = None
         self._closed = False
         sock.setblocking(False)
@@ -347,18 +347,17 @@ class _Acceptor:
             with contextlib.suppress(OSError):  # already reset: the session sees that
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = format_peer(addr)
-        unix = self._unix
-        task: asyncio.Task[object] = self.loop.create_task(
-            self.loop.connect_accepted_socket(lambda: self._factory(peer, unix), sock=conn)
-        )
+        task = self.loop.create_task(self._start(conn, peer))
         self._pending.add(task)
-        task.add_done_callback(self._handed_over)
+        task.add_done_callback(self._pending.discard)
 
-    def _handed_over(self, task: asyncio.Task[object]) -> None:
-        self._pending.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # The socket went away between accept() and the transport (rare).
-            log.debug("accepted connection lost before it started: %r", task.exception())
+    async def _start(self, conn: socket.socket, peer: str) -> None:
+        unix = self._unix
+        try:
+            await self.loop.connect_accepted_socket(lambda: self._factory(peer, unix), sock=conn)
+        except OSError as exc:  # the socket went away before the transport was made (rare)
+            log.debug("accepted connection from %s lost before it started: %s", peer, exc)
+            conn.close()
 
     def _pause(self) -> None:
         if self._closed:
