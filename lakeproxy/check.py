@@ -4,6 +4,11 @@ Steps: workspace token -> database credential -> (endpoint host lookup) ->
 TCP+TLS -> login -> ``SELECT current_user, current_database()``. The first
 failure prints the step, the cause and the fix, and the exit status is 1; all
 passing gives 0. Secrets are never printed.
+
+After the credential, the endpoint's (or instance's) state and every host it
+reports are printed, the one in use marked with ``*``: as the result of the
+host lookup step, or, with an explicit host, as information (a status the
+API will not give does not fail the check then).
 """
 
 from __future__ import annotations
@@ -13,10 +18,11 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TextIO, TypeVar
 
+from lakeproxy.auth.status import TargetStatus
 from lakeproxy.config import Config
 from lakeproxy.errors import LakeproxyError, UpstreamRejected
-from lakeproxy.upstream import UpstreamConnection, connect_with_retry
-from lakeproxy.upstream.dialer import build_dialer
+from lakeproxy.upstream import UpstreamConnection, UpstreamTarget, connect_with_retry
+from lakeproxy.upstream.dialer import EndpointDialer, build_dialer
 from lakeproxy.wire import limits
 from lakeproxy.wire.codec import SSLRequest, decode_backend, encode
 from lakeproxy.wire.framing import FrameReader
@@ -56,6 +62,28 @@ class _Report:
         self.out.flush()
 
 
+def write_status(out: TextIO, status: TargetStatus, in_use: str | None,
+                 *, explicit: bool = False) -> None:
+    """The state and every host the object reports; ``*`` marks ``in_use``."""
+    out.write(f"       {status.what} state: {status.describe()}\n")
+    for kind, host in status.hosts:
+        mark = "*" if host == in_use else " "
+        note = "  (in use)" if mark == "*" else ""
+        out.write(f"     {mark} {status.field(kind):<23} {host}{note}\n")
+    if not status.hosts:
+        out.write("       (no hosts reported)\n")
+    if explicit and in_use not in {h for _, h in status.hosts}:
+        out.write(f"     * {'host (set explicitly)':<23} {in_use}  (in use)\n")
+    out.flush()
+
+
+async def _target(dialer: EndpointDialer, deadline: float) -> UpstreamTarget:
+    try:
+        return await dialer.target(deadline=deadline)
+    except LakeproxyError as exc:
+        raise _failed(exc) from exc
+
+
 def _failed(exc: BaseException) -> StepFailed:
     if isinstance(exc, LakeproxyError):
         msg = exc.client_message if isinstance(exc, UpstreamRejected) else str(exc)
@@ -93,18 +121,33 @@ async def run_check(config: Config, out: TextIO) -> int:
         await report.step("workspace token", token)
         secret = await report.step("database credential", credential)
 
+        in_use: list[str] = []
+
         async def host() -> tuple[None, str]:
             try:
-                target = await dialer.target(deadline=deadline)
+                await dialer.read_status(deadline=deadline)
             except LakeproxyError as exc:
                 raise _failed(exc) from exc
-            return None, target.host
+            target = await _target(dialer, deadline)
+            in_use.append(target.host)
+            return None, f"{target.host} ({endpoint.kind})"
 
         if endpoint.host is None:
-            await report.step("endpoint host lookup", host)
+            try:
+                await report.step("endpoint host lookup", host)
+            finally:
+                if dialer.status is not None:
+                    write_status(out, dialer.status, in_use[0] if in_use else None)
+        else:
+            try:
+                status = await dialer.read_status(deadline=min(deadline, loop.time() + 10))
+            except LakeproxyError as exc:
+                out.write(f"       state: unknown ({exc})\n")
+            else:
+                write_status(out, status, endpoint.host, explicit=True)
 
         async def tls() -> tuple[None, str]:
-            target = await dialer.target(deadline=deadline)
+            target = await _target(dialer, deadline)
             transport: asyncio.Transport | None = None
             try:
                 async with asyncio.timeout_at(deadline):
@@ -143,7 +186,7 @@ async def run_check(config: Config, out: TextIO) -> int:
         await report.step("TCP+TLS", tls)
 
         async def login() -> tuple[UpstreamConnection, str]:
-            target = await dialer.target(deadline=deadline)
+            target = await _target(dialer, deadline)
             params = {"user": endpoint.user, "database": endpoint.database,
                       "application_name": "lakeproxy check"}
 

@@ -118,6 +118,9 @@ def _reset(emu: Emulator) -> None:
     emu.workspace.credential_lifetime = 3600.0
     emu.workspace.calls.clear()
     emu.workspace.requests.clear()
+    emu.workspace.set_disabled(False)
+    emu.workspace.set_instance_state("AVAILABLE")
+    emu.workspace.readable_secondaries = True
     if emu.frontdoor.state != "ACTIVE":
         emu.frontdoor.resume()
     emu.frontdoor.wakes = emu.frontdoor.connections = emu.frontdoor.logins = 0

@@ -36,6 +36,7 @@ from typing import Final, TypeVar
 from lakeproxy.auth.backoff import backoff_delays
 from lakeproxy.auth.databricks import HINT_UNREACHABLE, DatabricksApi
 from lakeproxy.auth.provider import Credential
+from lakeproxy.auth.status import TargetStatus
 from lakeproxy.errors import CredentialError
 from lakeproxy.wire import sqlstate
 
@@ -66,7 +67,7 @@ MIN_REMINT_INTERVAL: Final = 3.0
 _DESCRIPTION: Final = {
     KIND_OAUTH: "workspace OAuth token",
     KIND_DATABASE: "database credential",
-    KIND_ENDPOINT: "endpoint host",
+    KIND_ENDPOINT: "endpoint status",
 }
 
 
@@ -392,15 +393,36 @@ class CachedCredentials:
         name = endpoint_name or self._api.endpoint_name or ""
         if name in self._hosts:
             return self._hosts[name]
+        host = await self._retried(
+            KIND_ENDPOINT,
+            lambda bearer, d: self._api.endpoint_host(bearer, name or None, deadline=d),
+            deadline,
+        )
+        self._hosts[name] = host
+        return host
+
+    async def target_status(self, *, deadline: float) -> TargetStatus:
+        """The configured endpoint's or instance's hosts and state, read now
+        (never cached here: the caller decides how fresh it must be).
+
+        Retries like :meth:`get`; raises CredentialError (08006
+        :class:`CredentialUnavailable` when the API kept failing until ``deadline``).
+        """
+        return await self._retried(
+            KIND_ENDPOINT,
+            lambda bearer, d: self._api.target_status(bearer, deadline=d),
+            deadline,
+        )
+
+    async def _retried(
+        self, kind: str, call: Callable[[str, float], Awaitable[T]], deadline: float
+    ) -> T:
+        """:meth:`_authorized`, with retryable failures retried with backoff until ``deadline``."""
         loop = asyncio.get_running_loop()
         delays = self._backoff()
         while True:
             try:
-                host = await self._authorized(
-                    KIND_ENDPOINT,
-                    lambda bearer, d: self._api.endpoint_host(bearer, name or None, deadline=d),
-                    deadline,
-                )
+                return await self._authorized(kind, call, deadline)
             except CredentialError as err:
                 if not err.retryable:
                     raise
@@ -408,12 +430,10 @@ class CachedCredentials:
                 if err.retry_after is not None:
                     delay = max(delay, err.retry_after)
                 if loop.time() + delay >= deadline:
-                    raise CredentialUnavailable(KIND_ENDPOINT, err) from None
-                log.info("endpoint host lookup failed (retrying in %.2fs): %s", delay, err)
+                    raise CredentialUnavailable(kind, err) from None
+                log.info("%s request failed (retrying in %.2fs): %s",
+                         _DESCRIPTION[kind], delay, err)
                 await asyncio.sleep(delay)
-                continue
-            self._hosts[name] = host
-            return host
 
     async def close(self) -> None:
         """Stop background refreshes and close the HTTP session."""

@@ -3,7 +3,8 @@
 Step 1 exchanges the service principal's secret for a workspace OAuth token
 (``POST /oidc/v1/token``); step 2 exchanges that token for a database
 credential (autoscaling ``POST /api/2.0/postgres/credentials`` or provisioned
-``POST /api/2.0/database/credentials``). A personal access token
+``POST /api/2.0/database/credentials``). :meth:`DatabricksApi.target_status`
+reads the endpoint's or instance's hosts and state (:mod:`.status`). A personal access token
 (``DATABRICKS_TOKEN``) replaces step 1.
 
 Every failure is a :class:`lakeproxy.errors.CredentialError`: ``retryable`` for
@@ -37,6 +38,7 @@ import aiohttp
 from lakeproxy import __version__
 from lakeproxy.auth.backoff import parse_retry_after
 from lakeproxy.auth.provider import Credential
+from lakeproxy.auth.status import StatusError, TargetStatus, parse_endpoint, parse_instance
 from lakeproxy.errors import ConfigError, CredentialError
 from lakeproxy.wire import sqlstate
 
@@ -51,6 +53,7 @@ OIDC_TOKEN_PATH: Final = "/oidc/v1/token"  # noqa: S105 - a path, not a secret
 POSTGRES_CREDENTIALS_PATH: Final = "/api/2.0/postgres/credentials"
 DATABASE_CREDENTIALS_PATH: Final = "/api/2.0/database/credentials"
 POSTGRES_API_PREFIX: Final = "/api/2.0/postgres/"
+DATABASE_INSTANCES_PATH: Final = "/api/2.0/database/instances/"
 
 ENDPOINT_NAME_RE: Final = re.compile(r"projects/[^/]+/branches/[^/]+/endpoints/[^/]+")
 
@@ -168,7 +171,7 @@ def hint_for(
     if "invalid parameter value" in text or "'endpoint'" in text or "'instance" in text:
         return target_hint
     if status == 404 or "does not exist" in text or "not found" in text:
-        return HINT_ENDPOINT if step == "endpoint" else target_hint
+        return target_hint
     if step == "oauth" and status in (400, 401, 403):
         return HINT_CLIENT
     if status == 401:
@@ -415,24 +418,46 @@ class DatabricksApi:
         ``endpoint_name`` defaults to the configured one. Raises CredentialError
         (ConfigError for a name that is not ``projects/<p>/branches/<b>/endpoints/<e>``).
         """
+        status = await self.target_status(bearer, endpoint_name, deadline=deadline)
+        host = status.host("read_write")
+        if host is None:
+            raise _malformed(f"endpoint host (GET {self._status_path(endpoint_name)})",
+                             "no 'status.hosts.host' string")
+        return host
+
+    async def target_status(
+        self, bearer: str, endpoint_name: str | None = None, *, deadline: float
+    ) -> TargetStatus:
+        """The hosts and state of the endpoint (autoscaling, ``GET
+        /api/2.0/postgres/{ENDPOINT_NAME}``) or of the instance (provisioned,
+        ``GET /api/2.0/database/instances/{name}``).
+
+        ``endpoint_name`` overrides the configured autoscaling endpoint. Raises
+        CredentialError (a malformed object is retryable, like a malformed
+        credential), ConfigError for a malformed endpoint name.
+        """
+        path = self._status_path(endpoint_name)
+        provisioned = endpoint_name is None and self.instance_name is not None
+        what = f"{'instance' if provisioned else 'endpoint'} status (GET {path})"
+        body = await self._request(
+            what, "GET", path, step="endpoint", deadline=deadline, bearer=bearer
+        )
+        try:
+            return parse_instance(body) if provisioned else parse_endpoint(body)
+        except StatusError as exc:
+            raise _malformed(what, str(exc)) from None
+
+    def _status_path(self, endpoint_name: str | None) -> str:
+        if endpoint_name is None and self.instance_name is not None:
+            return DATABASE_INSTANCES_PATH + urllib.parse.quote(self.instance_name, safe="")
         name = endpoint_name or self.endpoint_name
         if name is None or not ENDPOINT_NAME_RE.fullmatch(name):
             raise ConfigError(
                 [f"ENDPOINT_NAME: expected projects/<p>/branches/<b>/endpoints/<e>, got {name!r}"]
             )
-        path = POSTGRES_API_PREFIX + "/".join(
+        return POSTGRES_API_PREFIX + "/".join(
             urllib.parse.quote(part, safe="") for part in name.split("/")
         )
-        what = f"endpoint host (GET {path})"
-        body = await self._request(
-            what, "GET", path, step="endpoint", deadline=deadline, bearer=bearer
-        )
-        status = body.get("status")
-        hosts = status.get("hosts") if isinstance(status, dict) else None
-        host = hosts.get("host") if isinstance(hosts, dict) else None
-        if not isinstance(host, str) or not host:
-            raise _malformed(what, "no 'status.hosts.host' string")
-        return host
 
     # -------------------------------------------------------------- internals
 

@@ -37,6 +37,7 @@ from lakeproxy.config.model import (
     DEFAULT_PGPORT,
     DEFAULT_SHUTDOWN_GRACE,
     DEFAULT_SSLMODE,
+    PROVISIONED_KINDS,
     ClientTls,
     Config,
     DatabricksConfig,
@@ -55,6 +56,7 @@ from lakeproxy.config.values import (
     as_databricks_host,
     as_duration,
     as_endpoint_name,
+    as_host_kind,
     as_ip_address,
     as_listeners,
     as_log_format,
@@ -83,6 +85,7 @@ FILE_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
     "endpoints": (
         "name", "instance", "host", "hostaddr", "port", "database", "user", "sslmode",
         "sslrootcert", "listen",
+        "host_kind",
     ),
 }
 
@@ -91,6 +94,7 @@ ENV_VARS: Final[tuple[str, ...]] = (
     "DATABRICKS_HOST", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET", "DATABRICKS_TOKEN",
     "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_CONFIG_FILE",
     "ENDPOINT_NAME", "LAKEBASE_INSTANCE",
+    "LAKEBASE_HOST_KIND",
     "PGHOST", "PGPORT", "PGHOSTADDR", "PGDATABASE", "PGUSER", "PGSSLMODE", "PGSSLROOTCERT",
     "LAKEPROXY_CONFIG", "LAKEPROXY_LISTEN", "LAKEPROXY_ADMIN_LISTEN", "LAKEPROXY_CLIENT_PASSWORD",
     "LAKEPROXY_TLS_CERT", "LAKEPROXY_TLS_KEY", "LAKEPROXY_CLIENT_TLS",
@@ -665,6 +669,12 @@ class _Loader:
                 )
 
         host = self.parse_opt(src("host", "PGHOST"), as_pg_host)
+        kind_raw = src("host_kind", "LAKEBASE_HOST_KIND")
+        host_kind = self.parse_opt(kind_raw, as_host_kind)
+        if kind_raw is not None and host_kind is not None and inst_raw is not None and (
+                host_kind not in PROVISIONED_KINDS):
+            self.bad(kind_raw, "a provisioned instance has no pooled hosts (Lakebase pools "
+                     "only autoscaling endpoints); use read_write or read_only")
         hostaddr = self.parse_opt(src("hostaddr", "PGHOSTADDR"), as_ip_address)
         port = self.parse(src("port", "PGPORT"), as_pg_port, DEFAULT_PGPORT)
         database = self.parse(src("database", "PGDATABASE"), as_text, DEFAULT_DATABASE)
@@ -680,7 +690,8 @@ class _Loader:
         if user is None:
             return None
         return EndpointConfig(
-            name=name, instance=instance, host=host, hostaddr=hostaddr, port=port,
+            name=name, instance=instance, host=host, host_kind=host_kind, hostaddr=hostaddr,
+            port=port,
             database=database, user=user, sslmode=sslmode, sslrootcert=rootcert, listen=listen,
         )
 

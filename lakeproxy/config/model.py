@@ -15,6 +15,11 @@ SslMode = Literal["require", "verify-ca", "verify-full"]
 ClientTls = Literal["off", "allow", "require"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+#: Which of the endpoint's hosts to use (SPEC "Endpoint hosts").
+HostKind = Literal["read_write", "read_only", "pooled", "read_only_pooled"]
+HOST_KINDS: Final[tuple[HostKind, ...]] = ("read_write", "read_only", "pooled", "read_only_pooled")
+#: The kinds a provisioned instance has (``read_write_dns``, ``read_only_dns``; no pooler).
+PROVISIONED_KINDS: Final[tuple[HostKind, ...]] = ("read_write", "read_only")
 
 DEFAULT_LISTEN: Final = "127.0.0.1:6432"
 DEFAULT_PGPORT: Final = 5432
@@ -65,12 +70,15 @@ class EndpointConfig:
 
     Exactly one of ``name`` (autoscaling, ``projects/<p>/branches/<b>/endpoints/<e>``)
     and ``instance`` (provisioned) is set. ``host`` None means: look it up with the
-    Databricks API. ``hostaddr`` is dialled instead of resolving ``host``.
+    Databricks API, picking the host of ``host_kind`` (None: not configured,
+    which means ``read_write``; with ``host`` set it is ignored). ``hostaddr``
+    is dialled instead of resolving ``host``.
     """
 
     name: str | None = None
     instance: str | None = None
     host: str | None = None
+    host_kind: HostKind | None = None
     hostaddr: str | None = None
     port: int = DEFAULT_PGPORT
     database: str = DEFAULT_DATABASE
@@ -78,6 +86,11 @@ class EndpointConfig:
     sslmode: SslMode = DEFAULT_SSLMODE
     sslrootcert: str = DEFAULT_SSLROOTCERT
     listen: tuple[Listener, ...] = (Listener("tcp", "127.0.0.1", 6432),)
+
+    @property
+    def kind(self) -> HostKind:
+        """The host kind in effect for a looked-up host (default ``read_write``)."""
+        return self.host_kind or "read_write"
 
     @property
     def label(self) -> str:

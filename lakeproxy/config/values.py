@@ -20,7 +20,9 @@ from typing import Final, cast, get_args
 
 from lakeproxy.config.model import (
     DEFAULT_UNIX_PORT,
+    HOST_KINDS,
     ClientTls,
+    HostKind,
     Listener,
     LogFormat,
     LogLevel,
@@ -263,6 +265,10 @@ def as_sslmode(raw: Raw) -> SslMode:
             "to the endpoint)"
         )
     return cast(SslMode, as_choice(get_args(SslMode))(raw))
+
+
+def as_host_kind(raw: Raw) -> HostKind:
+    return cast(HostKind, as_choice(HOST_KINDS)(raw))
 
 
 def as_client_tls(raw: Raw) -> ClientTls:

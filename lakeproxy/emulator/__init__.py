@@ -20,11 +20,11 @@ from typing import Final, Self
 
 from lakeproxy.emulator.api import FakeWorkspace
 from lakeproxy.emulator.certs import TlsFiles, make_certs
-from lakeproxy.emulator.frontdoor import FrontDoor
+from lakeproxy.emulator.frontdoor import FrontDoor, Route
 from lakeproxy.emulator.pgcluster import PgCluster, PgClusterError
 
-__all__ = ["Emulator", "FakeWorkspace", "FrontDoor", "PgCluster", "PgClusterError", "TlsFiles",
-           "make_certs"]
+__all__ = ["Emulator", "FakeWorkspace", "FrontDoor", "PgCluster", "PgClusterError", "Route",
+           "TlsFiles", "make_certs"]
 
 ENDPOINT_NAME: Final = "projects/emulated/branches/main/endpoints/ep-emulated-123"
 ENDPOINT_HOST: Final = "ep-emulated-123.database.emulator.lakebase.local"
@@ -47,6 +47,14 @@ class Emulator:
     role (default: a fresh UUID). With ``pg`` the given cluster is shared
     (started if needed, never stopped here); otherwise one is created in
     ``workdir`` (default: a temp dir removed by :meth:`stop`).
+
+    Hosts: the endpoint's four (:attr:`hosts`, as ``status.hosts`` reports
+    them) and the instance's two (:attr:`instance_hosts`), each its own SNI
+    name on the one front door. The read-only ones are served by a real hot
+    standby of the primary (``pg_basebackup -R``, streaming), started on the
+    first read-only login, or by :meth:`start` when ``standby`` is true; it is
+    this emulator's own and stopped by :meth:`stop`. The pooled hosts reach
+    the same servers directly (no pooling is emulated).
     """
 
     def __init__(
@@ -60,6 +68,7 @@ class Emulator:
         wake_time: float = 0.0,
         wake_error_time: float = 0.0,
         pg: PgCluster | None = None,
+        standby: bool = False,
     ) -> None:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(
@@ -73,20 +82,53 @@ class Emulator:
         self.database = DATABASE
         self._own_pg = pg is None
         self.pg = pg if pg is not None else PgCluster(self.workdir / "pg")
-        self.tls: TlsFiles = make_certs(self.workdir / "tls", [self.host, "127.0.0.1"])
-        self.ca_file = self.tls.ca_file
         self.workspace = FakeWorkspace(
             client_id=self.client_id, client_secret=self.client_secret,
             endpoint_name=self.endpoint_name, instance_name=self.instance_name,
             endpoint_host=self.host, oauth_lifetime=oauth_lifetime,
             credential_lifetime=credential_lifetime, role=self.role,
         )
+        #: the endpoint's hosts by ``status.hosts`` field; the instance's by field
+        self.hosts: dict[str, str] = dict(self.workspace.hosts)
+        self.instance_hosts: dict[str, str] = dict(self.workspace.instance_hosts)
+        routes = {
+            self.hosts["host"]: Route("endpoint", "primary"),
+            self.hosts["read_write_pooled_host"]: Route("endpoint", "primary"),
+            self.hosts["read_only_host"]: Route("endpoint", "standby"),
+            self.hosts["read_only_pooled_host"]: Route("endpoint", "standby"),
+            self.instance_hosts["read_write_dns"]: Route("instance", "primary"),
+            self.instance_hosts["read_only_dns"]: Route("instance", "standby"),
+        }
+        self.tls: TlsFiles = make_certs(self.workdir / "tls", [*routes, "127.0.0.1"])
+        self.ca_file = self.tls.ca_file
+        self._want_standby = standby
+        self.standby: PgCluster | None = None
+        self._standby_lock = asyncio.Lock()
         self.frontdoor = FrontDoor(
             workspace=self.workspace, pg=self.pg, tls=self.tls, endpoint_host=self.host,
             idle_suspend=idle_suspend, wake_time=wake_time, wake_error_time=wake_error_time,
+            routes=routes, standby=self.ensure_standby,
         )
         self.workspace.compute_state = lambda: self.frontdoor.state
+        self.workspace.on_disabled = self._suspend_soon
+        self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
+
+    async def ensure_standby(self) -> PgCluster:
+        """The read-only server: a hot standby of the primary, made and started
+        on first use (``pg_basebackup -R``; ~1-2 s). Raises PgClusterError."""
+        async with self._standby_lock:
+            if self.standby is None:
+                self.standby = PgCluster(self.workdir / "standby", primary=self.pg)
+            if not self.standby.running:
+                await asyncio.to_thread(self.standby.start)
+            return self.standby
+
+    def _suspend_soon(self) -> None:
+        """Disabling the endpoint schedules a suspend of its compute (as Databricks does)."""
+        task = asyncio.get_running_loop().create_task(self.frontdoor.suspend())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     @property
     def port(self) -> int:
@@ -105,6 +147,8 @@ class Emulator:
             await asyncio.to_thread(self._provision)
             await self.workspace.start()
             await self.frontdoor.start()
+            if self._want_standby:
+                await self.ensure_standby()
         except BaseException:
             await self.stop()
             raise
@@ -131,8 +175,13 @@ class Emulator:
     async def stop(self) -> None:
         """Stop everything this emulator started (idempotent)."""
         self._started = False
+        for task in list(self._tasks):
+            task.cancel()
         await self.frontdoor.stop()
         await self.workspace.stop()
+        if self.standby is not None:
+            await asyncio.to_thread(self.standby.close)
+            self.standby = None
         if self._own_pg:
             await asyncio.to_thread(self.pg.close)
         if self._own_workdir:

@@ -7,7 +7,22 @@ Routes, shaped like the real ones:
   ``error_description``).
 * ``POST /api/2.0/postgres/credentials`` — Lakebase autoscaling database credential.
 * ``POST /api/2.0/database/credentials`` — provisioned-instance credential.
-* ``GET /api/2.0/postgres/{projects/.../endpoints/...}`` — the Endpoint object.
+* ``GET /api/2.0/postgres/{projects/.../endpoints/...}`` — the Endpoint object:
+  its four hosts (``status.hosts``), ``status.current_state`` following the
+  front door's compute (ACTIVE when running, IDLE when suspended or waking),
+  ``spec.disabled``/``status.disabled``.
+* ``PATCH /api/2.0/postgres/{name}?update_mask=spec.disabled`` with
+  ``{"spec": {"disabled": bool}}`` — switches ``disabled`` (the real API runs
+  an update as a long-running operation; this one is done at once and answers
+  an operation with ``done: true`` and the endpoint as ``response``).
+* ``GET /api/2.0/database/instances/{name}`` — the provisioned DatabaseInstance
+  (``read_write_dns``, ``read_only_dns``, ``state``, ``stopped``, ...);
+  ``PATCH`` there with ``{"stopped": bool}`` stops it (STOPPED) or starts it
+  (STARTING, AVAILABLE after :attr:`FakeWorkspace.instance_start_time`).
+
+Control from Python: :attr:`FakeWorkspace.disabled`,
+:attr:`FakeWorkspace.instance_state`, :attr:`FakeWorkspace.readable_secondaries`
+(when False the objects report no read-only hosts), :meth:`FakeWorkspace.start_instance`.
 
 REST errors use Databricks' shape ``{"error_code": ..., "message": ...}``;
 unknown paths give 404 ``ENDPOINT_NOT_FOUND`` as the real gateway does.
@@ -40,12 +55,36 @@ from typing import Final
 
 from aiohttp import web
 
-__all__ = ["FakeWorkspace", "Fault", "RecordedRequest", "rfc3339"]
+__all__ = ["INSTANCE_STATES", "FakeWorkspace", "Fault", "RecordedRequest", "endpoint_hosts",
+           "instance_hosts", "rfc3339"]
 
 OIDC_PATH: Final = "/oidc/v1/token"
 POSTGRES_CREDENTIALS_PATH: Final = "/api/2.0/postgres/credentials"
 DATABASE_CREDENTIALS_PATH: Final = "/api/2.0/database/credentials"
 POSTGRES_PREFIX: Final = "/api/2.0/postgres/"
+INSTANCES_PREFIX: Final = "/api/2.0/database/instances/"
+
+#: DatabaseInstance states (Databricks SDK ``DatabaseInstance_State``, plus
+#: UPGRADING, which SPEC names).
+INSTANCE_STATES: Final = ("AVAILABLE", "STARTING", "STOPPED", "UPDATING", "UPGRADING",
+                          "FAILING_OVER", "DELETING")
+
+
+def endpoint_hosts(host: str) -> dict[str, str]:
+    """The four ``status.hosts`` of an emulated endpoint whose read-write host is
+    ``host``: ``-ro``, ``-pooler`` and ``-ro-pooler`` added to its first label.
+    The real service's naming is not documented; lakeproxy never derives a
+    name, it reads whichever the object reports."""
+    label, _, rest = host.partition(".")
+    return {"host": host, "read_only_host": f"{label}-ro.{rest}",
+            "read_write_pooled_host": f"{label}-pooler.{rest}",
+            "read_only_pooled_host": f"{label}-ro-pooler.{rest}"}
+
+
+def instance_hosts(instance_name: str, domain: str) -> dict[str, str]:
+    """``read_write_dns`` and ``read_only_dns`` of an emulated instance."""
+    return {"read_write_dns": f"instance-{instance_name}.{domain}",
+            "read_only_dns": f"instance-ro-{instance_name}.{domain}"}
 
 _ERROR_CODES: Final[dict[int, str]] = {
     400: "INVALID_PARAMETER_VALUE",
@@ -152,6 +191,20 @@ class FakeWorkspace:
         self.credential_lifetime = credential_lifetime
         #: returns "ACTIVE", "SUSPENDED" or "WAKING" (the front door's state).
         self.compute_state: Callable[[], str] = lambda: "ACTIVE"
+        domain = endpoint_host.partition(".")[2] or "emulator.lakebase.local"
+        self.hosts = endpoint_hosts(endpoint_host)
+        self.instance_hosts = instance_hosts(instance_name, domain)
+        #: ``spec.disabled`` of the endpoint; ``on_disabled`` runs when it turns true
+        #: (the real service then suspends the compute).
+        self.disabled = False
+        self.on_disabled: Callable[[], None] | None = None
+        #: the provisioned instance's ``state`` (see INSTANCE_STATES)
+        self.instance_state = "AVAILABLE"
+        #: seconds from STARTING to AVAILABLE after a PATCH with stopped=false
+        self.instance_start_time = 1.0
+        #: False: neither object reports read-only hosts (no readable secondary)
+        self.readable_secondaries = True
+        self._instance_task: asyncio.Task[None] | None = None
         self.calls: collections.Counter[str] = collections.Counter()
         #: the last 1000 requests, oldest first
         self.requests: collections.deque[RecordedRequest] = collections.deque(maxlen=1000)
@@ -193,6 +246,37 @@ class FakeWorkspace:
             raise ValueError("count must be >= 1")
         self._faults[path].append(Fault(count, status, retry_after, delay, body))
 
+    def set_disabled(self, disabled: bool) -> None:
+        """Switch ``spec.disabled`` (as the UI or an update call would)."""
+        was, self.disabled = self.disabled, disabled
+        if disabled and not was and self.on_disabled is not None:
+            self.on_disabled()
+
+    def start_instance(self, after: float | None = None) -> None:
+        """STARTING now, AVAILABLE ``after`` seconds later (default
+        :attr:`instance_start_time`). Needs a running event loop."""
+        self._cancel_instance_task()
+        self.instance_state = "STARTING"
+        delay = self.instance_start_time if after is None else after
+
+        async def become_available() -> None:
+            await asyncio.sleep(delay)
+            self.instance_state = "AVAILABLE"
+
+        self._instance_task = asyncio.get_running_loop().create_task(become_available())
+
+    def set_instance_state(self, state: str) -> None:
+        """Put the instance in ``state`` at once (one of INSTANCE_STATES)."""
+        if state not in INSTANCE_STATES:
+            raise ValueError(f"unknown instance state {state!r}")
+        self._cancel_instance_task()
+        self.instance_state = state
+
+    def _cancel_instance_task(self) -> None:
+        if self._instance_task is not None:
+            self._instance_task.cancel()
+            self._instance_task = None
+
     def clear_faults(self) -> None:
         """Drop every queued fault."""
         self._faults.clear()
@@ -229,6 +313,9 @@ class FakeWorkspace:
         app.router.add_post(POSTGRES_CREDENTIALS_PATH, self._postgres_credentials)
         app.router.add_post(DATABASE_CREDENTIALS_PATH, self._database_credentials)
         app.router.add_get(POSTGRES_PREFIX + "{name:.+}", self._get_postgres_resource)
+        app.router.add_patch(POSTGRES_PREFIX + "{name:.+}", self._patch_postgres_resource)
+        app.router.add_get(INSTANCES_PREFIX + "{name}", self._get_instance)
+        app.router.add_patch(INSTANCES_PREFIX + "{name}", self._patch_instance)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                     shutdown_timeout=0.5)
         await self._runner.setup()
@@ -238,6 +325,7 @@ class FakeWorkspace:
 
     async def stop(self) -> None:
         """Stop serving (idempotent)."""
+        self._cancel_instance_task()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -426,11 +514,11 @@ class FakeWorkspace:
         status: dict[str, object] = {
             "endpoint_type": "ENDPOINT_TYPE_READ_WRITE",
             "current_state": current,
-            "hosts": {"host": self.endpoint_host},
+            "hosts": self._reported(self.hosts, ("read_only_host", "read_only_pooled_host")),
             "autoscaling_limit_min_cu": 0.5,
             "autoscaling_limit_max_cu": 2,
             "suspend_timeout_duration": "300s",
-            "disabled": False,
+            "disabled": self.disabled,
             "endpoint_id": endpoint_id,
         }
         if state == "WAKING":
@@ -442,5 +530,89 @@ class FakeWorkspace:
             "create_time": rfc3339(math.floor(self._created)),
             "update_time": rfc3339(math.floor(self._created)),
             "endpoint_id": endpoint_id,
+            "spec": {
+                "endpoint_type": "ENDPOINT_TYPE_READ_WRITE",
+                "autoscaling_limit_min_cu": 0.5,
+                "autoscaling_limit_max_cu": 2,
+                "disabled": self.disabled,
+                "suspend_timeout_duration": "300s",
+            },
             "status": status,
         }
+
+    def _reported(self, hosts: dict[str, str], read_only: tuple[str, ...]) -> dict[str, str]:
+        if self.readable_secondaries:
+            return dict(hosts)
+        return {k: v for k, v in hosts.items() if k not in read_only}
+
+    async def _patch_postgres_resource(self, request: web.Request) -> web.Response:
+        if (err := self._bearer_error(request)) is not None:
+            return err
+        name = request.match_info["name"]
+        if name != self.endpoint_name:
+            return self._error(404, "RESOURCE_DOES_NOT_EXIST", f"'{name}' does not exist.")
+        data = await self._json_body(request)
+        if isinstance(data, web.Response):
+            return data
+        mask = request.query.get("update_mask", "")
+        spec = data.get("spec")
+        if mask != "spec.disabled" or not isinstance(spec, dict) or not isinstance(
+                spec.get("disabled"), bool):
+            return self._error(400, "INVALID_PARAMETER_VALUE",
+                               "the emulator updates only spec.disabled "
+                               "(update_mask=spec.disabled, body {\"spec\": {\"disabled\": ...}})")
+        self.set_disabled(spec["disabled"])
+        return web.json_response({"name": f"{name}/operations/{uuid.uuid4()}", "done": True,
+                                  "response": self.endpoint_object()})
+
+    def instance_object(self) -> dict[str, object]:
+        """The DatabaseInstance as ``GET /api/2.0/database/instances/{name}`` returns it."""
+        stopped = self.instance_state == "STOPPED"
+        return {
+            "name": self.instance_name,
+            "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, self.instance_name)),
+            "creator": self.client_id,
+            "creation_time": rfc3339(math.floor(self._created)),
+            "state": self.instance_state,
+            "pg_version": "PG_VERSION_15",
+            "capacity": "CU_1",
+            "effective_capacity": "CU_1",
+            "stopped": stopped,
+            "effective_stopped": stopped,
+            "node_count": 2,
+            "effective_node_count": 2,
+            "enable_readable_secondaries": self.readable_secondaries,
+            "effective_enable_readable_secondaries": self.readable_secondaries,
+            "enable_pg_native_login": False,
+            "effective_enable_pg_native_login": False,
+            **self._reported(self.instance_hosts, ("read_only_dns",)),
+        }
+
+    async def _get_instance(self, request: web.Request) -> web.Response:
+        if (err := self._bearer_error(request)) is not None:
+            return err
+        name = request.match_info["name"]
+        if name != self.instance_name:
+            return self._error(404, "RESOURCE_DOES_NOT_EXIST",
+                               f"Database instance '{name}' does not exist.")
+        return web.json_response(self.instance_object())
+
+    async def _patch_instance(self, request: web.Request) -> web.Response:
+        if (err := self._bearer_error(request)) is not None:
+            return err
+        name = request.match_info["name"]
+        if name != self.instance_name:
+            return self._error(404, "RESOURCE_DOES_NOT_EXIST",
+                               f"Database instance '{name}' does not exist.")
+        data = await self._json_body(request)
+        if isinstance(data, web.Response):
+            return data
+        stopped = data.get("stopped")
+        if not isinstance(stopped, bool):
+            return self._error(400, "INVALID_PARAMETER_VALUE",
+                               "the emulator updates only 'stopped' (a boolean)")
+        if stopped:
+            self.set_instance_state("STOPPED")
+        elif self.instance_state == "STOPPED":
+            self.start_instance()
+        return web.json_response(self.instance_object())

@@ -7,15 +7,30 @@ serverless front door is built from):
    ``connection is insecure (try using sslmode=require)``. ``SSLRequest`` gets
    ``S`` and a TLS handshake (certificate from the emulator CA, SAN = endpoint
    host and 127.0.0.1); ``GSSENCRequest`` gets ``N``.
-2. Routing is by SNI: the SNI must name the endpoint host, or the startup
-   ``options`` must carry ``endpoint=<endpoint id>`` (Neon's fallback for
-   clients without SNI; it is removed before the options reach PostgreSQL).
-   Otherwise FATAL XX000 ``Endpoint ID is not specified...``; an SNI naming
-   another host gets XX000 ``endpoint "<id>" does not exist``.
+2. Routing is by SNI: the SNI must name one of the hosts served (see
+   :class:`Route`), or the startup ``options`` must carry ``endpoint=<id>``,
+   the host's first label (Neon's fallback for clients without SNI; it is
+   removed before the options reach PostgreSQL). Otherwise FATAL XX000
+   ``Endpoint ID is not specified...``; an SNI naming another host gets XX000
+   ``endpoint "<id>" does not exist``.
+
+   Each host leads to a server: the endpoint's ``host`` and
+   ``read_write_pooled_host`` and the instance's ``read_write_dns`` to the
+   primary PgCluster; ``read_only_host``, ``read_only_pooled_host`` and
+   ``read_only_dns`` to a hot standby of it (started on the first read-only
+   login, unless the Emulator started it already). The pooled hosts reach
+   the same servers directly: the emulator does not pool (Lakebase's pooler
+   is PgBouncer in transaction mode; see the README).
 3. AuthenticationCleartextPassword; the password must be a database credential
    :meth:`FakeWorkspace.is_valid_credential` accepts for the startup ``user``,
    else FATAL 28P01 ``password authentication failed for user "<user>"``.
-4. The compute: when suspended, the login starts a wake of ``wake_time``
+4. The state: a disabled endpoint (``FakeWorkspace.disabled``) answers its
+   hosts' logins with FATAL XX000 ``Couldn't connect to compute node`` (a
+   connection cannot enable it; the real wording is not documented); an
+   instance not AVAILABLE answers with FATAL 57P03, PostgreSQL's own
+   ``the database system is starting up`` (or ``... is not accepting
+   connections`` when STOPPED or DELETING). Instances do not scale to zero.
+   The endpoint's compute: when suspended, the login starts a wake of ``wake_time``
    seconds. Logins in the first ``wake_error_time`` seconds of a wake get FATAL
    XX000 ``Couldn't connect to compute node``; later ones wait for the wake.
    Only an authenticated login wakes the compute (a TCP probe, a failed login
@@ -25,8 +40,9 @@ serverless front door is built from):
    ParameterStatus, BackendKeyData, ReadyForQuery, or the server's own
    ErrorResponse) and then relays bytes both ways until either side closes.
 
-CancelRequest (plain or inside TLS) is forwarded to the cluster as is: the
-BackendKeyData a client gets is the cluster's own.
+CancelRequest (plain or inside TLS) is forwarded as is to the primary and,
+when it runs, the standby (the key matches on one of them): the BackendKeyData
+a client gets is the server's own.
 
 Scale to zero: ``idle_suspend`` seconds after the last session ends the compute
 suspends; :meth:`FrontDoor.suspend` suspends at once, ending open sessions with
@@ -41,6 +57,7 @@ import logging
 import ssl
 import time
 import weakref
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -52,7 +69,7 @@ from lakeproxy.wire import sqlstate as S
 from lakeproxy.wire.errors import ProtocolError
 from lakeproxy.wire.framing import FrameReader
 
-__all__ = ["FrontDoor", "State"]
+__all__ = ["FrontDoor", "Route", "State"]
 
 log = logging.getLogger("lakeproxy.emulator.frontdoor")
 
@@ -65,10 +82,22 @@ MSG_NO_SNI: Final = (
     "parameter: '?options=endpoint%3D<endpoint-id>'."
 )
 MSG_COMPUTE: Final = "Couldn't connect to compute node"
+MSG_STARTING: Final = "the database system is starting up"
+MSG_NOT_ACCEPTING: Final = "the database system is not accepting connections"
 #: Each message a client owes during the handshake must arrive within this.
 HANDSHAKE_TIMEOUT: Final = 30.0
 _MAX_PASSWORD: Final = 65_535
 _CHUNK: Final = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where one host name leads: the autoscaling ``endpoint`` (its compute
+    scales to zero and may be disabled) or the provisioned ``instance`` (its
+    state), served by the ``primary`` or the read-only ``standby`` server."""
+
+    resource: Literal["endpoint", "instance"]
+    server: Literal["primary", "standby"]
 
 
 class _Reject(Exception):
@@ -90,6 +119,8 @@ class _Session:
 
     task: asyncio.Task[None]
     ended: asyncio.Event = field(default_factory=asyncio.Event)
+    route: Route = Route("endpoint", "primary")
+    pg: PgCluster | None = None
     pid: int | None = None
     upstream: asyncio.StreamWriter | None = None
     client: asyncio.StreamWriter | None = None
@@ -131,11 +162,20 @@ class FrontDoor:
         idle_suspend: float | None = None,
         wake_time: float = 0.0,
         wake_error_time: float = 0.0,
+        routes: Mapping[str, Route] | None = None,
+        standby: Callable[[], Awaitable[PgCluster]] | None = None,
     ) -> None:
         self.workspace = workspace
         self.pg = pg
         self.endpoint_host = endpoint_host
         self.endpoint_id = endpoint_host.split(".", 1)[0]
+        #: host name (lower case) -> Route; the endpoint host alone by default
+        self.routes: dict[str, Route] = {
+            h.lower(): r for h, r in (routes or {endpoint_host: Route("endpoint", "primary")}
+                                      ).items()}
+        self._by_id = {h.split(".", 1)[0]: r for h, r in self.routes.items()}
+        self._standby = standby
+        self._standby_pg: PgCluster | None = None
         self.idle_suspend = idle_suspend
         self.wake_time = wake_time
         self.wake_error_time = wake_error_time
@@ -164,8 +204,11 @@ class FrontDoor:
 
     @property
     def sessions(self) -> int:
-        """Open sessions on the compute."""
+        """Open sessions (on the endpoint's compute and on the instance)."""
         return len(self._sessions)
+
+    def _compute_busy(self) -> bool:
+        return any(s.route.resource == "endpoint" for s in self._sessions.values())
 
     def _on_sni(self, obj: ssl.SSLObject | ssl.SSLSocket, name: str | None,
                 ctx: ssl.SSLContext) -> None:
@@ -198,7 +241,7 @@ class FrontDoor:
 
     def _arm_idle(self) -> None:
         self._disarm_idle()
-        if self.idle_suspend is not None and self.state == "ACTIVE" and not self._sessions:
+        if self.idle_suspend is not None and self.state == "ACTIVE" and not self._compute_busy():
             loop = asyncio.get_running_loop()
             self._idle_handle = loop.call_later(self.idle_suspend, self._idle_expired)
 
@@ -209,7 +252,7 @@ class FrontDoor:
 
     def _idle_expired(self) -> None:
         self._idle_handle = None
-        if not self._sessions and self.state == "ACTIVE":
+        if not self._compute_busy() and self.state == "ACTIVE":
             self._suspend_task = asyncio.get_running_loop().create_task(self.suspend())
 
     async def suspend(self) -> None:
@@ -222,13 +265,15 @@ class FrontDoor:
         self.state = "SUSPENDED"
         if self._woken is not None:  # logins waiting for a wake start a new one
             self._woken.set()
-        sessions = list(self._sessions.values())
-        pids = [s.pid for s in sessions if s.pid is not None]
-        if pids:
+        sessions = [s for s in self._sessions.values() if s.route.resource == "endpoint"]
+        for pg in {id(s.pg): s.pg for s in sessions if s.pg is not None}.values():
+            pids = [s.pid for s in sessions if s.pid is not None and s.pg is pg]
+            if not pids:
+                continue
             ids = ",".join(str(p) for p in pids)
             sql = f"SELECT pg_terminate_backend(pid, 5000) FROM unnest(ARRAY[{ids}]) AS pid"  # noqa: S608
             try:
-                await asyncio.to_thread(self.pg.psql, sql)
+                await asyncio.to_thread(pg.psql, sql)
             except Exception:  # the cluster may be gone; close the sessions anyway
                 log.exception("pg_terminate_backend failed")
         for s in sessions:
@@ -250,7 +295,7 @@ class FrontDoor:
         self.state = "ACTIVE"
         if self._woken is not None:
             self._woken.set()
-        if not self._sessions:
+        if not self._compute_busy():
             self._arm_idle()
 
     async def _wake(self, woken: asyncio.Event) -> None:
@@ -339,43 +384,73 @@ class FrontDoor:
             break
         if not tls:
             raise _Reject(S.PROTOCOL_VIOLATION, MSG_INSECURE)
-        startup = self._route(packet, sni)
+        startup, route = self._route(packet, sni)
         user = startup.params.get("user", "")
         await self._authenticate(reader, writer, frames, user)
-        await self._reach_compute()
-        session = _Session(task=task, client=writer)
+        if route.resource == "endpoint":
+            if self.workspace.disabled:
+                raise _Reject(S.INTERNAL_ERROR, MSG_COMPUTE)
+            await self._reach_compute()
+        else:
+            state = self.workspace.instance_state
+            if state != "AVAILABLE":
+                starting = state in ("STARTING", "UPDATING", "UPGRADING", "FAILING_OVER")
+                raise _Reject(S.CANNOT_CONNECT_NOW, MSG_STARTING if starting
+                              else MSG_NOT_ACCEPTING)
+        pg = self.pg if route.server == "primary" else await self._standby_cluster()
+        session = _Session(task=task, client=writer, route=route, pg=pg)
         self._sessions[task] = session
-        self._disarm_idle()
+        if route.resource == "endpoint":
+            self._disarm_idle()
         self.logins += 1
         try:
             await self._relay(reader, writer, frames, startup, session)
         finally:
             session.ended.set()
             self._sessions.pop(task, None)
-            if not self._sessions:
+            if not self._compute_busy():
                 self._arm_idle()
 
-    def _route(self, startup: codec.StartupMessage, sni: str | None) -> codec.StartupMessage:
-        """Check SNI / ``options=endpoint=``; return the startup to send upstream."""
+    async def _standby_cluster(self) -> PgCluster:
+        if self._standby is None:
+            raise _Reject(S.INTERNAL_ERROR, "emulator: no read-only server configured")
+        try:
+            self._standby_pg = await self._standby()
+        except Exception as exc:
+            log.exception("emulator: the standby could not be started")
+            raise _Reject(S.INTERNAL_ERROR, MSG_COMPUTE) from exc
+        return self._standby_pg
+
+    def _route(self, startup: codec.StartupMessage, sni: str | None
+               ) -> tuple[codec.StartupMessage, Route]:
+        """Check SNI / ``options=endpoint=``; return the startup to send upstream
+        and where it goes."""
         options = startup.params.get("options", "")
         words = options.split()
         named = [w.split("=", 1)[1] for w in words if w.startswith("endpoint=")]
-        if sni is not None and sni.lower() != self.endpoint_host.lower():
-            label = sni.split(".", 1)[0]
-            raise _Reject(S.INTERNAL_ERROR, f'endpoint "{label}" does not exist')
+        route: Route | None = None
+        if sni is not None:
+            route = self.routes.get(sni.lower())
+            if route is None:
+                label = sni.split(".", 1)[0]
+                raise _Reject(S.INTERNAL_ERROR, f'endpoint "{label}" does not exist')
         if sni is None and not named:
             raise _Reject(S.INTERNAL_ERROR, MSG_NO_SNI)
-        if named and named[0] != self.endpoint_id:
-            raise _Reject(S.INTERNAL_ERROR, f'endpoint "{named[0]}" does not exist')
+        if named:
+            by_id = self._by_id.get(named[0])
+            if by_id is None or (route is not None and by_id != route):
+                raise _Reject(S.INTERNAL_ERROR, f'endpoint "{named[0]}" does not exist')
+            route = by_id
+        assert route is not None  # noqa: S101  (SNI or options named it)
         if not named:
-            return startup
+            return startup, route
         params = dict(startup.params)
         kept = " ".join(w for w in words if not w.startswith("endpoint="))
         if kept:
             params["options"] = kept
         else:
             del params["options"]
-        return codec.StartupMessage(startup.major, startup.minor, params)
+        return codec.StartupMessage(startup.major, startup.minor, params), route
 
     async def _authenticate(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             frames: FrameReader, user: str) -> None:
@@ -398,8 +473,9 @@ class FrontDoor:
                      frames: FrameReader, startup: codec.StartupMessage,
                      session: _Session) -> None:
         """Log in to the cluster, relay its login messages, then splice."""
+        pg = session.pg or self.pg
         try:
-            up_reader, up_writer = await asyncio.open_connection(self.pg.host, self.pg.port)
+            up_reader, up_writer = await asyncio.open_connection(pg.host, pg.port)
         except OSError as exc:
             raise _Reject(S.INTERNAL_ERROR, MSG_COMPUTE) from exc
         session.upstream = up_writer
@@ -424,7 +500,8 @@ class FrontDoor:
             await writer.drain()
             if tag == b"E":
                 return
-            if self.state == "SUSPENDED":  # suspended while logging in: end it like PG would
+            if session.route.resource == "endpoint" and self.state == "SUSPENDED":
+                # suspended while logging in: end it like PG would
                 raise _Reject(S.ADMIN_SHUTDOWN, "terminating connection due to administrator "
                               "command")
             if leftover := up_frames.trailing():
@@ -446,9 +523,14 @@ class FrontDoor:
             up_writer.close()
 
     async def _forward_cancel(self, packet: codec.CancelRequest) -> None:
-        """Send the CancelRequest to the cluster and close, as PostgreSQL does."""
+        """Send the CancelRequest to each server and close, as PostgreSQL does."""
+        standby = self._standby_pg
+        servers = [self.pg] + ([standby] if standby is not None and standby.running else [])
+        await asyncio.gather(*(self._cancel_on(pg, packet) for pg in servers))
+
+    async def _cancel_on(self, pg: PgCluster, packet: codec.CancelRequest) -> None:
         try:
-            _, w = await asyncio.open_connection(self.pg.host, self.pg.port)
+            _, w = await asyncio.open_connection(pg.host, pg.port)
         except OSError:
             return
         try:

@@ -43,7 +43,11 @@ __all__ = ["PgCluster", "PgClusterError", "find_bindir", "free_port"]
 SUPERUSER: Final = "postgres"
 OS_USER: Final = "postgres"
 
-DEFAULT_HBA: Final = ("local all all trust", "host all all 127.0.0.1/32 trust")
+DEFAULT_HBA: Final = (
+    "local all all trust", "host all all 127.0.0.1/32 trust",
+    # for a hot standby made with pg_basebackup (PgCluster(primary=...))
+    "local replication all trust", "host replication all 127.0.0.1/32 trust",
+)
 
 DEFAULT_SETTINGS: Final[Mapping[str, str]] = {
     "listen_addresses": "127.0.0.1",
@@ -232,6 +236,14 @@ class PgCluster:
     block) also deletes the private directory. A cluster still running at
     interpreter exit is stopped then; one whose process was killed is stopped
     and deleted by the next PgCluster created on the machine.
+
+    With ``primary`` (a running cluster whose pg_hba.conf allows replication
+    from 127.0.0.1, as :data:`DEFAULT_HBA` does), the first ``start()`` makes
+    this cluster a hot standby of it instead of running ``initdb``:
+    ``pg_basebackup -R`` (WAL streamed, ``primary_conninfo`` and
+    ``standby.signal`` written), then the server starts in recovery, streams
+    from the primary and serves read-only queries. ``hba`` and ``settings``
+    then default to the primary's.
     """
 
     host: Final = "127.0.0.1"
@@ -245,16 +257,21 @@ class PgCluster:
         ssl_key: Path | None = None,
         hba: Sequence[str] | None = None,
         settings: Mapping[str, str] | None = None,
+        primary: PgCluster | None = None,
     ) -> None:
         if (ssl_cert is None) != (ssl_key is None):
             raise ValueError("ssl_cert and ssl_key go together")
+        self.primary = primary
+        if primary is not None:
+            hba = hba if hba is not None else primary._hba
+            settings = {**primary._settings, **(settings or {})}
         self.workdir = Path(workdir).absolute()
         self._fixed_port = port
         self.port = port if port is not None else 0
         self._ssl_cert = ssl_cert
         self._ssl_key = ssl_key
-        self._hba = tuple(hba) if hba is not None else DEFAULT_HBA
-        self._settings = {**DEFAULT_SETTINGS, **(settings or {})}
+        self._hba: tuple[str, ...] = tuple(hba) if hba is not None else DEFAULT_HBA
+        self._settings: dict[str, str] = {**DEFAULT_SETTINGS, **(settings or {})}
         self.bindir, self.embedded = find_bindir()
         self.has_ssl = ssl_cert is not None
         if self.has_ssl and self.embedded:
@@ -339,7 +356,9 @@ class PgCluster:
                 link.symlink_to(self._private, target_is_directory=True)
         self.logfile.touch()
         self._chown(self.logfile)
-        if not (self.datadir / "PG_VERSION").exists():
+        if not (self.datadir / "PG_VERSION").exists() and self.primary is not None:
+            self._base_backup(self.primary)
+        elif not (self.datadir / "PG_VERSION").exists():
             self.datadir.mkdir(mode=0o700, exist_ok=True)
             self._chown(self.datadir)
             self._run(
@@ -365,6 +384,21 @@ class PgCluster:
             self._started = True
             return
         raise last
+
+    def _base_backup(self, primary: PgCluster) -> None:
+        """Copy ``primary`` into an empty data directory as a standby (``-R``)."""
+        if not primary.running:
+            raise PgClusterError("the primary of a standby must be running")
+        self.datadir.mkdir(mode=0o700, exist_ok=True)
+        self._chown(self.datadir)
+        basebackup = self.bindir / "pg_basebackup"
+        if not basebackup.is_file():
+            raise PgClusterError(f"{basebackup} not found: a standby needs pg_basebackup")
+        self._run(
+            [basebackup, "-D", self.datadir, "-h", primary.host, "-p", str(primary.port),
+             "-U", SUPERUSER, "-R", "-X", "stream", "-c", "fast", "--no-sync"],
+            as_server=True,
+        )
 
     def _write_config(self) -> None:
         settings = dict(self._settings)

@@ -42,6 +42,7 @@ async def connect_with_retry(
     ssl_context: ssl.SSLContext,
     refresh_credential: Callable[[], Awaitable[str]] | None = None,
     on_retry: Callable[[BaseException], None] | None = None,
+    before_retry: Callable[[BaseException], Awaitable[None]] | None = None,
     policy: RetryPolicy = DEFAULT_POLICY,
     attempt_timeout: float = ATTEMPT_TIMEOUT,
     protocol: tuple[int, int] = (3, 0),
@@ -49,7 +50,9 @@ async def connect_with_retry(
     """:func:`connect`, retried per :mod:`lakeproxy.retry` with backoff until ``deadline``.
 
     Each attempt gets ``min(attempt_timeout, time left)``. ``on_retry(exc)`` is
-    called once per retry (for the retries metric). An auth failure (28P01 /
+    called once per retry (for the retries metric); ``before_retry(exc)`` is
+    awaited before each retry's pause and may raise to stop retrying (the
+    endpoint's state says no retry can help). An auth failure (28P01 /
     28000) calls ``refresh_credential()`` once and retries at once with the
     token it returns.
 
@@ -62,7 +65,7 @@ async def connect_with_retry(
         UpstreamConnectError: 08006 when the deadline passed (the last error in
             the message) or a failure that no retry can fix (certificate,
             protocol, TLS refused); 28P01 when the fresh credential was refused too.
-        Exception: whatever ``refresh_credential`` raises (e.g. CredentialError).
+        Exception: whatever ``refresh_credential`` or ``before_retry`` raises.
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -115,6 +118,8 @@ async def connect_with_retry(
                     retryable=False, hint="check PGHOST/PGPORT/PGHOSTADDR",
                 ) from exc
             last = exc
+        if before_retry is not None and last is not None:
+            await before_retry(last)
         remaining = deadline - loop.time()
         if remaining <= _MIN_ATTEMPT:
             raise _gave_up(endpoint, last, retries, loop.time() - started)

@@ -3,20 +3,33 @@
 :class:`EndpointDialer` is what a session calls to get a logged-in upstream
 connection (and to forward a cancel): it looks the host up once, takes a
 credential from the cache, and dials with retries.
+
+Hosts and state (SPEC "Endpoint hosts"): with no host configured, the
+endpoint's or instance's status (:mod:`lakeproxy.auth.status`) is read and the
+host of the configured kind is used; it is remembered. The state decides
+before any dial: a disabled endpoint or a STOPPED/DELETING instance fails the
+client at once (08006 with a hint), a kind the object does not report too.
+While dials keep failing, the state is read again at most every
+:data:`STATE_REREAD` seconds (also with an explicit host, whenever the
+endpoint or instance name is known), so an endpoint disabled or an instance
+stopped meanwhile ends the retries at once instead of at the deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import ssl
 from collections.abc import Awaitable, Mapping
+from typing import Final
 
 from lakeproxy.auth.cache import CachedCredentials
 from lakeproxy.auth.databricks import DatabricksApi
 from lakeproxy.auth.provider import Credential
+from lakeproxy.auth.status import TargetStatus
 from lakeproxy.config import Config, DatabricksConfig, EndpointConfig
-from lakeproxy.errors import UpstreamConnectError
+from lakeproxy.errors import CredentialError, UpstreamConnectError
 from lakeproxy.metrics import Metrics
 from lakeproxy.upstream.cancel import send_cancel
 from lakeproxy.upstream.dial import connect_with_retry
@@ -27,8 +40,15 @@ from lakeproxy.upstream.target import (
     handshake_refused,
     make_ssl_context,
 )
+from lakeproxy.wire import sqlstate
 
 log = logging.getLogger("lakeproxy.upstream")
+
+#: While dials keep failing, the state is read again at most this often (seconds).
+STATE_REREAD: Final = 5.0
+#: A re-read during retries waits at most this long for the API, so it never
+#: holds up the next dial for long; a re-read that fails changes nothing.
+_REREAD_TIMEOUT: Final = 3.0
 
 
 def make_api(databricks: DatabricksConfig, endpoint: EndpointConfig) -> DatabricksApi:
@@ -60,6 +80,13 @@ class EndpointDialer:
         self._groups: TlsGroups = "p256"
         self.ssl_context: ssl.SSLContext = make_ssl_context(config.sslmode, config.sslrootcert)
         self._host: str | None = config.host
+        self._status: TargetStatus | None = None
+        self._status_at = -math.inf
+        self._status_lock = asyncio.Lock()
+        if config.host is not None and config.host_kind is not None:
+            log.warning("endpoint %s: host_kind=%s is ignored because the host is set "
+                        "explicitly (%s); unset the host to use the looked-up %s host",
+                        config.label, config.host_kind, config.host, config.host_kind)
 
     def reload_tls(self) -> None:
         """Build this endpoint's TLS context from the CA file again (SIGHUP).
@@ -71,19 +98,110 @@ class EndpointDialer:
         self.ssl_context = make_ssl_context(c.sslmode, c.sslrootcert, groups=self._groups)
 
     def describe(self) -> str:
-        where = self._host or "(host looked up)"
+        kind = self.config.kind
+        where = self._host or ("(host looked up)" if kind == "read_write"
+                               else f"({kind} host looked up)")
         return f"{self.config.label} at {where}:{self.config.port} as {self.config.user}"
 
-    async def target(self, *, deadline: float) -> UpstreamTarget:
-        """The endpoint's address, looking the host up once when PGHOST is unset."""
-        if self._host is None:
-            self._host = await self.credentials.endpoint_host(
-                self.config.name, deadline=deadline
+    @property
+    def status(self) -> TargetStatus | None:
+        """The endpoint's or instance's status as last read (None: never read)."""
+        return self._status
+
+    async def read_status(self, *, deadline: float, max_age: float = 0.0) -> TargetStatus:
+        """The status, read from the API unless the last read is younger than
+        ``max_age`` seconds. Callers arriving while a read runs share it.
+
+        Raises CredentialError (08006 when the API kept failing until ``deadline``).
+        """
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        async with self._status_lock:
+            now = loop.time()
+            if self._status is not None and (
+                    self._status_at >= asked or now - self._status_at < max_age):
+                return self._status
+            status = await self.credentials.target_status(deadline=deadline)
+            previous, self._status, self._status_at = self._status, status, loop.time()
+        if previous is None or previous.describe() != status.describe():
+            log.info("%s %s: state %s", status.what, self.config.label, status.describe())
+        return status
+
+    def _check_state(self, status: TargetStatus) -> None:
+        """Raise 08006 (never retried) when the state says no dial can succeed."""
+        if status.verdict() == "refuse":
+            message, hint = status.refusal()
+            raise UpstreamConnectError(
+                f"{status.what} {self.config.label}: {message}", retryable=False,
+                hint=hint, sqlstate=sqlstate.CONNECTION_FAILURE,
             )
-            log.info("endpoint %s: host is %s", self.config.label, self._host)
+
+    async def target(self, *, deadline: float) -> UpstreamTarget:
+        """The endpoint's address: the configured host, or the looked-up host of
+        the configured kind.
+
+        Raises:
+            UpstreamConnectError: 08006 for a refused state (disabled, stopped)
+                or a kind the endpoint does not report.
+            CredentialError: the lookup failed (28000 refused, 08006 unavailable).
+        """
         c = self.config
-        return UpstreamTarget(host=self._host, port=c.port, hostaddr=c.hostaddr,
-                              sslmode=c.sslmode)
+        status = self._status
+        if c.host is not None:
+            host = c.host
+            if status is not None and status.verdict() == "refuse":
+                # Refused before: look again (at most every STATE_REREAD s) before failing.
+                self._check_state(await self.read_status(deadline=deadline,
+                                                         max_age=STATE_REREAD))
+        else:
+            host = await self._lookup(deadline)
+        return UpstreamTarget(host=host, port=c.port, hostaddr=c.hostaddr, sslmode=c.sslmode)
+
+    async def _lookup(self, deadline: float) -> str:
+        loop = asyncio.get_running_loop()
+        kind = self.config.kind
+        status = self._status
+        if status is None or self._host is None or status.verdict() == "refuse":
+            status = await self.read_status(
+                deadline=deadline, max_age=0.0 if status is None else STATE_REREAD)
+        while True:
+            self._check_state(status)
+            host = status.host(kind)
+            if host is not None:
+                break
+            message, hint = status.missing(kind)
+            pause = min(STATE_REREAD, deadline - loop.time())
+            if status.verdict() != "wait" or pause <= 0:
+                raise UpstreamConnectError(
+                    f"{status.what} {self.config.label} (state {status.describe()}): {message}",
+                    retryable=False, hint=hint, sqlstate=sqlstate.CONNECTION_FAILURE,
+                )
+            # An instance on its way to AVAILABLE may not report its hosts yet.
+            await asyncio.sleep(pause)
+            status = await self.read_status(deadline=deadline, max_age=STATE_REREAD)
+        if host != self._host:
+            log.info("%s %s: %s host is %s", status.what, self.config.label, kind, host)
+            self._host = host
+        return host
+
+    async def _recheck(self, deadline: float) -> None:
+        """Between failed dials: read the state again if the last read is older
+        than STATE_REREAD, and stop the retries if it now refuses."""
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._status_at < STATE_REREAD:
+            return
+        try:
+            status = await self.read_status(
+                deadline=min(deadline, loop.time() + _REREAD_TIMEOUT), max_age=STATE_REREAD)
+        except CredentialError as exc:
+            log.debug("endpoint %s: state re-read failed: %s", self.config.label, exc)
+            return
+        self._check_state(status)
+        host = status.host(self.config.kind)
+        if self.config.host is None and host is not None and host != self._host:
+            log.info("%s %s: %s host is now %s", status.what, self.config.label,
+                     self.config.kind, host)
+            self._host = host
 
     async def connect(self, params: Mapping[str, str], *, deadline: float) -> UpstreamConnection:
         target = await self.target(deadline=deadline)
@@ -99,11 +217,15 @@ class EndpointDialer:
 
         m = self.metrics
 
+        async def recheck(_exc: BaseException) -> None:
+            await self._recheck(deadline)
+
         def attempt() -> Awaitable[UpstreamConnection]:
             return connect_with_retry(
                 target, used[-1].token, params, deadline=deadline, ssl_context=self.ssl_context,
                 refresh_credential=refresh,
                 on_retry=(lambda _exc: m.upstream_retry()) if m is not None else None,
+                before_retry=recheck,
             )
 
         groups = self._groups

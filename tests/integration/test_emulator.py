@@ -528,7 +528,9 @@ async def test_api_token_flow(emulator: Emulator) -> None:
         body = await r.json()
         assert body["name"] == emulator.endpoint_name
         assert body["status"] == body["status"] | {
-            "current_state": "ACTIVE", "hosts": {"host": emulator.host}}
+            "current_state": "ACTIVE", "hosts": emulator.hosts, "disabled": False}
+        assert body["spec"]["disabled"] is False
+        assert len(set(emulator.hosts.values())) == 4
     assert emulator.workspace.calls == {
         "/oidc/v1/token": 1, "/api/2.0/postgres/credentials": 1,
         "/api/2.0/database/credentials": 1, f"/api/2.0/postgres/{emulator.endpoint_name}": 1}

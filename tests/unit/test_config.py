@@ -805,7 +805,8 @@ def test_example_uncommented_endpoints_parse(tmp_path: Path) -> None:
     f.write_text(head + "\n".join(lines) + "\n")
     config = load({"DATABRICKS_HOST": ENV["DATABRICKS_HOST"],
                    "DATABRICKS_CLIENT_ID": "c", "DATABRICKS_CLIENT_SECRET": SECRET}, f)
-    assert len(config.endpoints) == 2
+    assert len(config.endpoints) == 3
+    assert [ep.kind for ep in config.endpoints] == ["read_write", "read_write", "read_only"]
 
 
 @pytest.mark.parametrize(
