@@ -263,12 +263,34 @@ async def _replication_login(p: Proxy) -> ErrorResponse:
     return msg
 
 
+@pytest.fixture(scope="module")
+def pg_without_replication(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
+    """A cluster whose pg_hba.conf has no replication line (as a Lakebase endpoint
+    refuses replication connections): a replication startup gets 28000."""
+    pg = PgCluster(tmp_path_factory.mktemp("pg_norepl"),
+                   hba=["local all all trust", "host all all 127.0.0.1/32 trust"])
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def emulator_without_replication(
+    pg_without_replication: PgCluster, tmp_path: Path,
+) -> AsyncIterator[Emulator]:
+    async with Emulator(tmp_path / "emulator", pg=pg_without_replication) as emu:
+        yield emu
+
+
 async def test_a_28000_about_the_startup_never_touches_the_credential(
-    emulator: Emulator, proxy: ProxyFactory,
+    emulator_without_replication: Emulator, proxy: ProxyFactory,
 ) -> None:
     """50 replication=true startups (refused by the endpoint's pg_hba with 28000):
     each client gets the endpoint's own 28000, the credential is kept, and the
     credential API is asked once (the warm-up), not once per connection."""
+    emulator = emulator_without_replication
     async with asyncio.timeout(60):
         p = await proxy(emulator)
         await p.runtime.dialers[0].credentials.get(
