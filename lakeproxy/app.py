@@ -16,14 +16,16 @@ import asyncio
 import dataclasses
 import logging
 import os
+import resource
 import signal
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 
 from lakeproxy.admin import AdminServer
 from lakeproxy.client_auth import ScramAuthenticator, ScramVerifier
-from lakeproxy.config import Config, EndpointConfig, reload_config
+from lakeproxy.config import Config, EndpointConfig, Listener, reload_config
 from lakeproxy.errors import ConfigError, CredentialError, LakeproxyError
+from lakeproxy.fds import FDS_PER_CLIENT, FDS_RESERVED, clients_allowed, raise_open_files_limit
 from lakeproxy.metrics import Metrics
 from lakeproxy.server import Endpoint, ProxyServer, bind_error
 from lakeproxy.session import ClientAuthenticator
@@ -53,6 +55,15 @@ def client_authenticator(config: Config) -> Callable[[], ClientAuthenticator] | 
         return None
     verifier = ScramVerifier.from_password(config.client_password)
     return lambda: ScramAuthenticator(verifier)
+
+
+def unguarded_listeners(open_listeners: Sequence[Listener], config: Config) -> list[Listener]:
+    """The non-loopback listeners among ``open_listeners`` that ``config`` would
+    leave without client authentication (the start-up rule, applied to the
+    listeners actually open: a reload keeps them whatever its ``listen`` says)."""
+    if config.client_password is not None or config.allow_remote_trust:
+        return []
+    return [lst for lst in open_listeners if not lst.is_loopback]
 
 
 class Runtime:
@@ -101,6 +112,16 @@ class Runtime:
             log.error("reload failed, keeping the old configuration: the number of endpoints "
                       "changed (%d -> %d); restart to apply that",
                       len(self.config.endpoints), len(new.endpoints))
+            return
+        unguarded = unguarded_listeners(self.server.open_listeners, new)
+        if unguarded:
+            log.error(
+                "reload failed, keeping the old configuration: %s stays open (listeners change "
+                "only on restart) and is not a loopback address, so the new configuration "
+                "would let anyone who can reach it connect without a password; keep "
+                "LAKEPROXY_CLIENT_PASSWORD set, or restart to apply the new listen",
+                ", ".join(lst.describe() for lst in unguarded),
+            )
             return
         if [ep.listen for ep in new.endpoints] != [ep.listen for ep in self.config.endpoints]:
             log.warning("reload: listener changes need a restart; other changes apply")
@@ -181,6 +202,30 @@ def _same_upstream(
     )
 
 
+def check_open_files(max_clients: int) -> None:
+    """Raise the soft open-files limit to the hard one; log what it allows.
+
+    One INFO line with the limit and the ``max_clients`` it leaves room for; a
+    WARNING when ``max_clients`` needs more (clients past the limit would be
+    refused with 53300 "out of file descriptors").
+    """
+    before, soft, hard = raise_open_files_limit()
+    allowed = clients_allowed(soft)
+    unlimited = soft == resource.RLIM_INFINITY
+    limit = "unlimited" if unlimited else str(soft)
+    raised = f", raised from {before}" if soft != before else ""
+    hard_text = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    log.info("open files limit %s (hard %s%s): room for max_clients %s (configured %d)",
+             limit, hard_text, raised, "any" if unlimited else allowed, max_clients)
+    if not unlimited and max_clients > allowed:
+        log.warning(
+            "open files limit %d leaves room for %d clients, but LAKEPROXY_MAX_CLIENTS is %d "
+            "(each client needs up to %d descriptors, plus %d for the proxy): raise the hard "
+            "limit (ulimit -Hn, systemd LimitNOFILE=, docker --ulimit nofile=) or lower "
+            "LAKEPROXY_MAX_CLIENTS", soft, allowed, max_clients, FDS_PER_CLIENT, FDS_RESERVED,
+        )
+
+
 def _install_signals(
     loop: asyncio.AbstractEventLoop, stop: asyncio.Event, reload: Callable[[], None]
 ) -> Callable[[], None]:
@@ -212,6 +257,7 @@ async def serve(config: Config, *, ready: Callable[[ProxyServer], None] | None =
     server cannot be bound (logged as one line).
     """
     loop = asyncio.get_running_loop()
+    check_open_files(config.max_clients)
     metrics = Metrics()
     runtime = Runtime(config, metrics)
     server = runtime.server

@@ -164,6 +164,12 @@ class Metrics:
             buckets=CONNECT_BUCKETS,
             registry=reg,
         )
+        self._fd_exhausted = Counter(
+            "lakeproxy_accept_fd_exhausted_total",
+            "Client connections refused (53300) because accept failed for lack of file "
+            "descriptors (each also counted as outcome too_many).",
+            registry=reg,
+        )
         self._retries = Counter(
             "lakeproxy_upstream_connect_retries_total",
             "Endpoint connection attempts that failed and were retried.",
@@ -233,6 +239,10 @@ class Metrics:
             ValueError: ``outcome`` is not one of :data:`OUTCOMES`.
         """
         self._connections.labels(_check(outcome, OUTCOMES, "outcome")).inc()
+
+    def accept_fd_exhausted(self) -> None:
+        """An accept failed for lack of file descriptors (the client was refused)."""
+        self._fd_exhausted.inc()
 
     def set_live_bytes(self, source: LiveBytesSource | None) -> None:
         """Register (or with None remove) a source of open sessions' byte counts.

@@ -20,6 +20,7 @@ REASON_NOT_LISTENING: Final = "not listening yet"
 REASON_DRAINING: Final = "draining"
 REASON_NO_CREDENTIAL: Final = "no usable credential"
 REASON_AT_LIMIT: Final = "at the client limit"
+REASON_NO_FDS: Final = "out of file descriptors"
 REASON_INTERNAL: Final = "readiness check failed"
 
 
@@ -39,7 +40,7 @@ class ReadinessSource(Protocol):
 
     @property
     def active_clients(self) -> int:
-        """Client connections open now."""
+        """Clients past their pre-login phase (those ``max_clients`` limits)."""
         ...
 
     @property
@@ -51,16 +52,19 @@ class ReadinessSource(Protocol):
         """True if a usable credential is held or the last credential request succeeded."""
         ...
 
+    def can_accept(self) -> bool:
+        """False when a new client could not be taken now (out of file descriptors)."""
+        ...
 
-def not_ready_reason(state: ReadinessSource, *, asking: int = 0) -> str | None:
+
+def not_ready_reason(state: ReadinessSource) -> str | None:
     """Return why the proxy is not ready, or None when it is.
 
-    Checks, in order: draining, listeners bound, credential, client limit.
-    ``asking`` is how many of ``state.active_clients`` are the probe itself (a
-    ``pg_isready`` ping arrives as a client connection and must not count
-    against the limit it asks about). Only reads ``state``; never does I/O and
-    never raises: if ``state`` raises, that is logged and the answer is
-    :data:`REASON_INTERNAL`.
+    Checks, in order: draining, listeners bound, credential, client limit,
+    free file descriptors. A ``pg_isready`` ping is still in its pre-login
+    phase when it asks, so it is not one of ``state.active_clients``. Only
+    reads ``state``; never does I/O and never raises: if ``state`` raises, that
+    is logged and the answer is :data:`REASON_INTERNAL`.
     """
     try:
         if state.draining:
@@ -69,8 +73,10 @@ def not_ready_reason(state: ReadinessSource, *, asking: int = 0) -> str | None:
             return REASON_NOT_LISTENING
         if not state.credentials_ready():
             return REASON_NO_CREDENTIAL
-        if 0 < state.max_clients <= state.active_clients - asking:
+        if 0 < state.max_clients <= state.active_clients:
             return REASON_AT_LIMIT
+        if not state.can_accept():
+            return REASON_NO_FDS
     except Exception:
         log.exception("readiness check raised")
         return REASON_INTERNAL

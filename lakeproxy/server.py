@@ -3,22 +3,18 @@
 :class:`ProxyServer` binds every listener of every endpoint, keeps its own
 ``set`` of live sessions (uvloop's Server has no ``close_clients``), enforces
 ``max_clients`` and drains on shutdown. :func:`serve` is ``lakeproxy run``.
-
-Listeners are accepted on by :class:`_Acceptor`, not ``loop.create_server``:
-``accept()`` is the only call that still knows the address of a client that
-reset its connection at once (``getpeername()`` then fails with ENOTCONN, and
-uvloop's transports read the peer name lazily, after ``accept()``), and the
-session log must name the client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
+import functools
 import logging
-import math
 import os
+import resource
 import socket
 import ssl
 import stat
@@ -29,6 +25,8 @@ from dataclasses import dataclass
 from lakeproxy.cancel import CancelRegistry
 from lakeproxy.config import Config, EndpointConfig, Listener
 from lakeproxy.errors import LakeproxyError, ShuttingDown, TooManyConnections
+from lakeproxy.fds import FDS_HEADROOM, free_fds
+from lakeproxy.listen import Acceptor, bind_tcp, bind_unix
 from lakeproxy.log import fields as log_fields
 from lakeproxy.metrics import Metrics
 from lakeproxy.readiness import not_ready_reason
@@ -40,8 +38,25 @@ from lakeproxy.session import (
     SessionHooks,
     format_peer,
 )
+from lakeproxy.wire import sqlstate
+from lakeproxy.wire.codec import encode, error_response
 
 log = logging.getLogger("lakeproxy.server")
+
+#: Seconds between two warnings about connections closed for the pre-login budget.
+_EVICTION_LOG_INTERVAL = 60.0
+
+#: Seconds /readyz stays 503 after an accept failed for lack of descriptors.
+FD_EXHAUSTED_MEMORY = 5.0
+#: Seconds between two warnings about connections refused for lack of descriptors.
+_FD_LOG_INTERVAL = 10.0
+
+#: What a client accepted with the reserve descriptor gets (then the close).
+_FD_REFUSAL = encode(error_response(
+    sqlstate.TOO_MANY_CONNECTIONS,
+    "lakeproxy: sorry, out of file descriptors",
+    hint="the proxy's open files limit is reached; retry later",
+))
 
 
 @dataclass(slots=True)
@@ -68,28 +83,54 @@ class ProxyServer:
         self.config = config
         self.endpoints = list(endpoints)
         self.metrics = metrics
+        #: Every open connection (drain closes them).
         self.sessions: set[Session] = set()
+        #: Connections in their pre-login phase, oldest first (their own budget
+        #: of ``max_clients``: past it, the oldest is closed).
+        self._logging_in: dict[Session, None] = {}
+        #: Connections past it: these count against ``max_clients``.
+        self._clients: set[Session] = set()
+        self._evicted = 0
+        self._evicted_logged_at = -_EVICTION_LOG_INTERVAL
         self.cancels: CancelRegistry[Dialer] = CancelRegistry()
         self.listening = False
         self.draining = False
         self.max_clients = config.max_clients
-        self._servers: list[_Acceptor] = []
+        self._acceptors: list[Acceptor] = []
+        self._fd_exhausted_at = -FD_EXHAUSTED_MEMORY
+        self._fd_refusals = 0
+        self._fd_logged_at = -_FD_LOG_INTERVAL
         self._authenticator = authenticator
         self._tls_context = tls_context
         self._unix_paths: list[str] = []
-        self._accept_error_logged = -math.inf
         self._current: list[SessionHooks] = []
         self.bound: list[str] = []
+        #: The listeners actually open (a reload does not change them; a restart does).
+        self.open_listeners: list[Listener] = []
         metrics.set_live_bytes(self._live_bytes)
 
     # -- ReadinessSource ---------------------------------------------------
 
     @property
     def active_clients(self) -> int:
-        return len(self.sessions)
+        """Clients past their pre-login phase (what ``max_clients`` limits)."""
+        return len(self._clients)
+
+    @property
+    def logging_in(self) -> int:
+        """Connections still in their pre-login phase."""
+        return len(self._logging_in)
 
     def credentials_ready(self) -> bool:
         return all(ep.credentials_ready() for ep in self.endpoints)
+
+    def can_accept(self) -> bool:
+        """False when too few file descriptors are free to take one more client,
+        or an accept failed for lack of them within the last few seconds."""
+        if time.monotonic() - self._fd_exhausted_at < FD_EXHAUSTED_MEMORY:
+            return False
+        free = free_fds()
+        return free is None or free >= FDS_HEADROOM
 
     def _live_bytes(self) -> tuple[int, int]:
         """Bytes spliced so far by sessions not yet counted as finished (read per scrape)."""
@@ -104,63 +145,69 @@ class ProxyServer:
 
     async def start(self) -> None:
         """Bind every listener; raises OSError if one cannot be bound."""
-        loop = asyncio.get_running_loop()
         self._current = [self._hooks(ep) for ep in self.endpoints]
         try:
             for index, ep in enumerate(self.endpoints):
 
-                def factory(peer: str, unix: bool, index: int = index) -> ClientProtocol:
+                def factory(addr: object, unix: bool, index: int = index) -> ClientProtocol:
                     self.metrics.session_started()
                     # Looked up per connection, so a reload applies to new clients.
                     hooks = self._current[index]
+                    # The address accept() returned: a client that reset at once
+                    # has no peer name any more. Unix listeners are exempt from
+                    # client TLS require (libpq never uses TLS there).
                     return ClientProtocol(hooks, self.sessions, self._session_finished,
-                                          peer=peer, unix=unix)
+                                          peer="unix" if unix else format_peer(addr), unix=unix)
 
                 for listener in ep.config.listen:
                     try:
-                        acceptors = await self._bind(loop, listener, factory)
+                        socks = await self._bind(listener)
                     except OSError as exc:
                         raise bind_error(f"cannot listen on {listener.describe()}", exc) from exc
-                    self._servers.extend(acceptors)
+                    unix = listener.kind == "unix"
+                    for sock in socks:
+                        self._acceptors.append(Acceptor(
+                            sock, functools.partial(factory, unix=unix),
+                            refusal=_FD_REFUSAL, on_exhausted=self._fd_exhausted,
+                        ))
+                    self.open_listeners.append(_as_bound(listener, socks))
         except BaseException:
             await self.close_listeners()
             raise
         self.listening = True
 
-    async def _bind(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        listener: Listener,
-        factory: _Factory,
-    ) -> list[_Acceptor]:
+    async def _bind(self, listener: Listener) -> list[socket.socket]:
+        """The listening sockets of ``listener`` (not yet accepting)."""
         if listener.kind == "unix" and listener.path is not None:
             path = listener.path  # DIR/.s.PGSQL.PORT, the name libpq looks for
             _remove_stale_socket(path)
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.bind(path)
-                # As PostgreSQL's default unix_socket_permissions; the directory guards access.
-                os.chmod(path, 0o777)  # noqa: S103
-                sock.listen(_BACKLOG)
-            except BaseException:
-                sock.close()
-                raise
+            sock = bind_unix(path)
+            # As PostgreSQL's default unix_socket_permissions; the directory guards access.
+            os.chmod(path, 0o777)  # noqa: S103
             self._unix_paths.append(path)
             self.bound.append(f"unix:{path}")
-            return [_Acceptor(loop, sock, factory, self._accept_failed)]
-        socks = await _tcp_sockets(loop, listener.host, listener.port)
+            return [sock]
+        socks = await bind_tcp(listener.host, listener.port)
         for sock in socks:
             host, port = sock.getsockname()[:2]
             self.bound.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-        return [_Acceptor(loop, sock, factory, self._accept_failed) for sock in socks]
+        return socks
 
-    def _accept_failed(self, exc: OSError) -> None:
-        """``accept()`` failed (e.g. EMFILE: out of file descriptors); the acceptor
-        pauses briefly so that a persistent error does not spin the loop."""
+    def _fd_exhausted(self, exc: OSError) -> None:
+        """An accept failed for lack of descriptors (the client got 53300): count, log."""
+        self.metrics.connection_refused("too_many")
+        self.metrics.accept_fd_exhausted()
         now = time.monotonic()
-        if now - self._accept_error_logged >= 1.0:  # at most one line a second
-            self._accept_error_logged = now
-            log.warning("cannot accept a connection: %s", os.strerror(exc.errno or 0) or exc)
+        self._fd_exhausted_at = now
+        self._fd_refusals += 1
+        if now - self._fd_logged_at >= _FD_LOG_INTERVAL:
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            log.warning(
+                "refused %d connection(s): out of file descriptors (%s; open files limit %d); "
+                "raise the limit (ulimit -n, LimitNOFILE=) or lower LAKEPROXY_MAX_CLIENTS",
+                self._fd_refusals, exc.strerror or exc, soft,
+            )
+            self._fd_refusals, self._fd_logged_at = 0, now
 
     def reconfigure(
         self,
@@ -186,18 +233,16 @@ class ProxyServer:
 
     def bound_port(self, index: int = 0) -> int:
         """Port of the ``index``-th TCP listener (useful when configured with port 0)."""
-        tcp = [a.sock for a in self._servers if a.sock.family != socket.AF_UNIX]
+        tcp = [a.sock for a in self._acceptors if a.sock.family != socket.AF_UNIX]
         return int(tcp[index].getsockname()[1])
 
     async def close_listeners(self) -> None:
         """Stop accepting new connections (open sessions continue)."""
         self.listening = False
-        servers, self._servers = self._servers, []
-        for server in servers:
-            server.close()
-        # Connections accepted just before become sessions (and are drained) too.
-        for server in servers:
-            await server.wait_handed_over()
+        self.open_listeners = []
+        acceptors, self._acceptors = self._acceptors, []
+        for acceptor in acceptors:
+            acceptor.close()
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
@@ -242,16 +287,44 @@ class ProxyServer:
             tls_required=self.config.client_tls == "require",
             authenticator=self._authenticator,
             on_upstream_connected=m.upstream_connected,
+            login_timeout=self.config.login_timeout,
+            enter_login=self._enter_login,
+            leave_login=self._leave_login,
         )
 
-    def _admit(self) -> LakeproxyError | None:
+    def _enter_login(self, session: Session) -> None:
+        """Count ``session`` in the pre-login budget, closing the oldest there if full.
+
+        Closing the oldest (not refusing the newest) means sockets that never
+        finish their startup cannot lock real clients out: each only holds its
+        place until newer connections arrive or LAKEPROXY_LOGIN_TIMEOUT ends it.
+        """
+        budget = max(1, self.max_clients)
+        while len(self._logging_in) >= budget:
+            oldest = next(iter(self._logging_in))
+            del self._logging_in[oldest]
+            oldest.evict()
+            self._evicted += 1
+        self._logging_in[session] = None
+        now = time.monotonic()
+        if self._evicted and now - self._evicted_logged_at >= _EVICTION_LOG_INTERVAL:
+            log.warning(
+                "%d connection(s) still logging in closed: more than %d at once "
+                "(the pre-login budget, LAKEPROXY_MAX_CLIENTS)", self._evicted, budget,
+            )
+            self._evicted, self._evicted_logged_at = 0, now
+
+    def _leave_login(self, session: Session) -> None:
+        self._logging_in.pop(session, None)
+
+    def _admit(self, session: Session) -> LakeproxyError | None:
         if self.draining:
             return ShuttingDown(
                 "shutting down",
                 client_message="lakeproxy: the proxy is shutting down",
                 hint="retry in a moment",
             )
-        if len(self.sessions) > self.max_clients:
+        if len(self._clients) >= self.max_clients:
             return TooManyConnections(
                 "too many clients",
                 client_message=(
@@ -259,13 +332,16 @@ class ProxyServer:
                 ),
                 hint="raise LAKEPROXY_MAX_CLIENTS or use fewer connections",
             )
+        self._clients.add(session)
         return None
 
     def _not_ready_for_ping(self) -> str | None:
-        # The ping's own connection is one of self.sessions: count it out.
-        return not_ready_reason(self, asking=1)
+        # The ping is still in its pre-login phase: not one of the counted clients.
+        return not_ready_reason(self)
 
     def _session_finished(self, session: Session) -> None:
+        self._clients.discard(session)
+        self._logging_in.pop(session, None)
         r = session.record
         self.metrics.session_finished(r.outcome, r.bytes_up, r.bytes_down)
         duration = time.monotonic() - r.started
@@ -288,134 +364,11 @@ class ProxyServer:
         log.log(level, "session end", extra=log_fields(**values))
 
 
-#: Listen backlog of every listener.
-_BACKLOG = 1024
-#: Connections accepted per wake-up of a listener before other work runs.
-_ACCEPT_BATCH = 64
-#: After an accept() error (EMFILE, ENFILE, ENOBUFS, ...), seconds before trying again.
-_ACCEPT_ERROR_PAUSE = 0.1
-
-#: Builds the protocol for a connection accepted from ``peer`` (``unix``: on a unix socket).
-_Factory = Callable[[str, bool], ClientProtocol]
-
-
-class _Acceptor:
-    """Accepts connections on one listening socket and hands each to the loop.
-
-    ``accept()`` gives the client's address even when the client has already
-    reset the connection; it is passed to the protocol factory with the
-    connection, so every session can be logged with it.
-    """
-
-    def __init__(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        sock: socket.socket,
-        factory: _Factory,
-        on_error: Callable[[OSError], None],
-    ) -> None:
-        self.loop = loop
-        self.sock = sock
-        self._factory = factory
-        self._on_error = on_error
-        self._unix = sock.family == socket.AF_UNIX
-        self._pending: set[asyncio.Task[None]] = set()
-        self._retry: asyncio.TimerHandle | None = None
-        self._closed = False
-        sock.setblocking(False)
-        loop.add_reader(sock.fileno(), self._on_readable)
-
-    def _on_readable(self) -> None:
-        for _ in range(_ACCEPT_BATCH):
-            try:
-                conn, addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except ConnectionAbortedError:  # reset while queued (some systems): next one
-                continue
-            except OSError as exc:
-                self._on_error(exc)
-                self._pause()
-                return
-            self._hand_over(conn, addr)
-
-    def _hand_over(self, conn: socket.socket, addr: object) -> None:
-        conn.setblocking(False)
-        if self._unix:
-            peer = "unix"
-        else:
-            with contextlib.suppress(OSError):  # already reset: the session sees that
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = format_peer(addr)
-        task = self.loop.create_task(self._start(conn, peer))
-        self._pending.add(task)
-        task.add_done_callback(self._pending.discard)
-
-    async def _start(self, conn: socket.socket, peer: str) -> None:
-        unix = self._unix
-        try:
-            await self.loop.connect_accepted_socket(lambda: self._factory(peer, unix), sock=conn)
-        except OSError as exc:  # the socket went away before the transport was made (rare)
-            log.debug("accepted connection from %s lost before it started: %s", peer, exc)
-            conn.close()
-
-    def _pause(self) -> None:
-        if self._closed:
-            return
-        self.loop.remove_reader(self.sock.fileno())
-        self._retry = self.loop.call_later(_ACCEPT_ERROR_PAUSE, self._resume)
-
-    def _resume(self) -> None:
-        self._retry = None
-        if not self._closed:
-            self.loop.add_reader(self.sock.fileno(), self._on_readable)
-
-    async def wait_handed_over(self) -> None:
-        """Until every connection accepted so far has its protocol (and session)."""
-        if self._pending:
-            await asyncio.wait(list(self._pending))
-
-    def close(self) -> None:
-        """Stop accepting and close the listening socket (accepted connections stay)."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._retry is not None:
-            self._retry.cancel()
-        else:
-            self.loop.remove_reader(self.sock.fileno())
-        self.sock.close()
-
-
-async def _tcp_sockets(
-    loop: asyncio.AbstractEventLoop, host: str, port: int
-) -> list[socket.socket]:
-    """Listening sockets for ``host``:``port``, one per address the name resolves
-    to (as ``loop.create_server`` binds them: SO_REUSEADDR, IPv6 sockets v6-only).
-
-    Raises OSError (the first address that cannot be bound).
-    """
-    infos = await loop.getaddrinfo(host or None, port, family=socket.AF_UNSPEC,
-                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    socks: list[socket.socket] = []
-    seen: set[tuple[int, object]] = set()
-    try:
-        for family, type_, proto, _name, addr in infos:
-            if (family, addr) in seen:
-                continue
-            seen.add((family, addr))
-            sock = socket.socket(family, type_, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.listen(_BACKLOG)
-    except BaseException:
-        for sock in socks:
-            sock.close()
-        raise
-    return socks
+def _as_bound(listener: Listener, socks: Sequence[socket.socket]) -> Listener:
+    """``listener`` with the port the kernel picked when it asked for port 0."""
+    if listener.kind != "tcp" or listener.port != 0 or not socks:
+        return listener
+    return dataclasses.replace(listener, port=int(socks[0].getsockname()[1]))
 
 
 class _SocketPathInUse(OSError):

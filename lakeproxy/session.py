@@ -60,6 +60,9 @@ log = logging.getLogger("lakeproxy.session")
 #: Each message a client owes before its session starts must arrive within this.
 LOGIN_MESSAGE_TIMEOUT: Final = 10.0
 
+#: Seconds for the whole pre-login phase (LAKEPROXY_LOGIN_TIMEOUT's default).
+LOGIN_TIMEOUT: Final = 15.0
+
 #: While the endpoint is dialed, how often the client's socket is checked for a hang-up.
 HANG_UP_POLL: Final = 0.25
 #: poll() events that mean the peer closed (FIN: POLLRDHUP, Linux) or reset the connection.
@@ -142,14 +145,23 @@ class SessionHooks:
     default_database: str
     connect_deadline: float
     cancels: CancelRegistry[Dialer]
-    admit: Callable[[], LakeproxyError | None]  # None when the client may proceed
+    #: After the pre-login phase: None when the client may proceed (it then
+    #: counts against max_clients), else the error to send.
+    admit: Callable[[Session], LakeproxyError | None]
     #: Why the proxy is not ready for new clients (the /readyz rule), None when it
-    #: is; asked by a pg_isready ping, counting that ping's own connection out.
+    #: is; asked by a pg_isready ping (still in its pre-login phase, so not counted).
     not_ready: Callable[[], str | None]
     tls_context: ssl.SSLContext | None = None
     tls_required: bool = False
     authenticator: Callable[[], ClientAuthenticator] | None = None
     on_upstream_connected: Callable[[float], None] = lambda seconds: None
+    #: The whole pre-login phase (SSL/GSS negotiation, startup, password) must
+    #: end within this many seconds of the accept.
+    login_timeout: float = LOGIN_TIMEOUT
+    #: Called when the pre-login phase starts and when it ends (the pre-login
+    #: budget: the server may :meth:`Session.evict` the oldest in that phase).
+    enter_login: Callable[[Session], None] = lambda session: None
+    leave_login: Callable[[Session], None] = lambda session: None
 
 
 @dataclass(slots=True)
@@ -307,6 +319,9 @@ class Session:
         self.task: asyncio.Task[None] | None = None
         self.connecting = False
         self.splice: Splice | None = None
+        self.evicted = False
+        #: Armed for the pre-login phase (LAKEPROXY_LOGIN_TIMEOUT), then disarmed.
+        self._login_deadline = asyncio.timeout(None)
 
     # -- public, for the server -------------------------------------------
 
@@ -320,11 +335,19 @@ class Session:
         elif self.task is not None:
             self.task.cancel()
 
+    def evict(self) -> None:
+        """Close a connection still in its pre-login phase (the pre-login budget is
+        full and a newer one came): no reply, outcome ``too_many``."""
+        self.evicted = True
+        if self.task is not None:
+            self.task.cancel()
+
     # -- the session ------------------------------------------------------
 
     async def run(self) -> None:
         try:
-            await self._run()
+            async with self._login_deadline:  # TimeoutError when it expires
+                await self._run()
         except _ClientGone:
             if not self.record.sqlstate:  # else what the client was told stands
                 self.record.outcome = "client_error"
@@ -344,7 +367,10 @@ class Session:
         except LakeproxyError as exc:
             self._fail(exc)
         except asyncio.CancelledError:
-            if not self.conn.gone:
+            if self.evicted:
+                self.record.outcome = "too_many"
+                self.record.error = "pre-login budget full: closed the oldest still logging in"
+            elif not self.conn.gone:
                 self._fail(ShuttingDown("lakeproxy: terminating connection: proxy shutting down"))
             else:
                 self.record.outcome = "client_error"
@@ -371,6 +397,8 @@ class Session:
         conn = self.conn
         hooks = self.hooks
         tls_on = False
+        hooks.enter_login(self)
+        self._login_deadline.reschedule(loop.time() + hooks.login_timeout)
         while True:
             ev = await conn.next_event(loop.time() + LOGIN_MESSAGE_TIMEOUT)
             if isinstance(ev, _DirectTLS):
@@ -391,6 +419,7 @@ class Session:
                 continue
             if isinstance(ev, CancelRequested):
                 self.record.outcome = "cancel"
+                self._end_login()
                 await self._forward_cancel(ev)
                 return
             if isinstance(ev, StartupReceived):
@@ -412,12 +441,13 @@ class Session:
         self.record.database = database
         if startup.params.get("replication") not in (None, "", "false", "0", "off", "no"):
             log.debug("session %s: replication connection", self.record.client)
-        refused = hooks.admit()
-        if refused is not None:
-            raise refused
         self.transport.write(negotiate_bytes(ev.negotiate))
         if hooks.authenticator is not None:
             await self._authenticate_client(hooks.authenticator())
+        self._end_login()
+        refused = hooks.admit(self)
+        if refused is not None:
+            raise refused
         # Everything else the client sent stays in the kernel until the splice.
         self.transport.pause_reading()
 
@@ -466,6 +496,11 @@ class Session:
             ))
         self.transport.write(out)
         self.transport.close()
+
+    def _end_login(self) -> None:
+        """The pre-login phase is over: its deadline and its budget no longer apply."""
+        self._login_deadline.reschedule(None)
+        self.hooks.leave_login(self)
 
     async def _dial(self, params: dict[str, str], *, deadline: float) -> Upstream:
         """Dial the endpoint; give up as soon as the client hangs up.

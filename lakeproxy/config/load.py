@@ -33,6 +33,7 @@ from lakeproxy.config.model import (
     DEFAULT_CONNECT_DEADLINE,
     DEFAULT_DATABASE,
     DEFAULT_LISTEN,
+    DEFAULT_LOGIN_TIMEOUT,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_PGPORT,
     DEFAULT_SHUTDOWN_GRACE,
@@ -80,7 +81,7 @@ FILE_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
     "proxy": (
         "listen", "admin_listen", "client_password", "tls_cert", "tls_key", "client_tls",
         "connect_deadline", "max_clients", "shutdown_grace", "log_format", "log_level",
-        "allow_remote_trust",
+        "allow_remote_trust", "login_timeout",
     ),
     "endpoints": (
         "name", "instance", "host", "hostaddr", "port", "database", "user", "sslmode",
@@ -100,6 +101,7 @@ ENV_VARS: Final[tuple[str, ...]] = (
     "LAKEPROXY_TLS_CERT", "LAKEPROXY_TLS_KEY", "LAKEPROXY_CLIENT_TLS",
     "LAKEPROXY_CONNECT_DEADLINE", "LAKEPROXY_MAX_CLIENTS", "LAKEPROXY_SHUTDOWN_GRACE",
     "LAKEPROXY_LOG_FORMAT", "LAKEPROXY_LOG_LEVEL", "LAKEPROXY_ALLOW_REMOTE_TRUST",
+    "LAKEPROXY_LOGIN_TIMEOUT",
 )
 
 #: Keys of the ``argv`` mapping :func:`load_config` accepts (argparse ``dest`` names).
@@ -295,6 +297,7 @@ class _Loader:
             connect_deadline=proxy.connect_deadline,
             max_clients=proxy.max_clients,
             shutdown_grace=proxy.shutdown_grace,
+            login_timeout=proxy.login_timeout,
             log_format=proxy.log_format,
             log_level=proxy.log_level,
             allow_remote_trust=proxy.allow_remote_trust,
@@ -551,6 +554,10 @@ class _Loader:
             src("shutdown_grace", "LAKEPROXY_SHUTDOWN_GRACE"),
             as_duration(positive=False), DEFAULT_SHUTDOWN_GRACE,
         )
+        login_timeout = self.parse(
+            src("login_timeout", "LAKEPROXY_LOGIN_TIMEOUT"),
+            as_duration(positive=True), DEFAULT_LOGIN_TIMEOUT,
+        )
         log_format: LogFormat = self.parse(
             src("log_format", "LAKEPROXY_LOG_FORMAT", flag=True), as_log_format, "text"
         )
@@ -569,6 +576,7 @@ class _Loader:
             connect_deadline=deadline,
             max_clients=max_clients,
             shutdown_grace=grace,
+            login_timeout=login_timeout,
             log_format=log_format,
             log_level=log_level,
             allow_remote_trust=allow_remote,
@@ -710,6 +718,7 @@ class _Proxy:
     connect_deadline: float
     max_clients: int
     shutdown_grace: float
+    login_timeout: float
     log_format: LogFormat
     log_level: LogLevel
     allow_remote_trust: bool

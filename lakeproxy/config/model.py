@@ -29,6 +29,7 @@ DEFAULT_SSLROOTCERT: Final = "system"
 DEFAULT_CONNECT_DEADLINE: Final = 60.0
 DEFAULT_MAX_CLIENTS: Final = 1000
 DEFAULT_SHUTDOWN_GRACE: Final = 30.0
+DEFAULT_LOGIN_TIMEOUT: Final = 15.0
 DEFAULT_UNIX_PORT: Final = 6432
 
 
@@ -131,6 +132,9 @@ class Config:
     connect_deadline: float = DEFAULT_CONNECT_DEADLINE
     max_clients: int = DEFAULT_MAX_CLIENTS
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    #: Seconds a client has for its whole pre-login phase (SSL/GSS negotiation,
+    #: startup, password); also the size of the pre-login budget's window.
+    login_timeout: float = DEFAULT_LOGIN_TIMEOUT
     log_format: LogFormat = "text"
     log_level: LogLevel = "info"
     allow_remote_trust: bool = False

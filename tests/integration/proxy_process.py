@@ -173,8 +173,12 @@ async def _collect(stream: asyncio.StreamReader, into: list[str]) -> None:
 
 
 async def spawn(env: Mapping[str, str], args: Sequence[str] = ("run",), *,
-                wait_started: bool = True, timeout: float = 20.0) -> ProxyProcess:
+                wait_started: bool = True, timeout: float = 20.0,
+                prefix: Sequence[str] = ()) -> ProxyProcess:
     """Start ``python -m lakeproxy *args`` with ``base_env() | env``.
+
+    ``prefix`` runs it under another command that ends by exec'ing its arguments
+    (e.g. ``unshare --net``, ``prlimit``), so signals still reach lakeproxy itself.
 
     With ``wait_started`` (for ``run``), returns once the start-up line is out,
     with :attr:`ProxyProcess.listen` and :attr:`ProxyProcess.admin` filled in.
@@ -182,7 +186,7 @@ async def spawn(env: Mapping[str, str], args: Sequence[str] = ("run",), *,
     """
     full = {**base_env(), **env}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lakeproxy", *args, env=full, cwd=REPO,
+        *prefix, sys.executable, "-m", "lakeproxy", *args, env=full, cwd=REPO,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -222,10 +226,10 @@ async def run_cli(env: Mapping[str, str], args: Sequence[str], *,
 
 @contextlib.asynccontextmanager
 async def running(env: Mapping[str, str], args: Sequence[str] = ("run",), *,
-                  wait_started: bool = True, timeout: float = 20.0
-                  ) -> AsyncIterator[ProxyProcess]:
+                  wait_started: bool = True, timeout: float = 20.0,
+                  prefix: Sequence[str] = ()) -> AsyncIterator[ProxyProcess]:
     """:func:`spawn` for the ``async with`` block; killed at the end if still running."""
-    p = await spawn(env, args, wait_started=wait_started, timeout=timeout)
+    p = await spawn(env, args, wait_started=wait_started, timeout=timeout, prefix=prefix)
     try:
         yield p
     finally:

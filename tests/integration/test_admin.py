@@ -17,6 +17,7 @@ from lakeproxy.admin import (
     REASON_DRAINING,
     REASON_INTERNAL,
     REASON_NO_CREDENTIAL,
+    REASON_NO_FDS,
     REASON_NOT_LISTENING,
     AdminServer,
 )
@@ -42,10 +43,14 @@ class FakeProxy:
     active_clients: int = 0
     max_clients: int = 10
     has_credential: bool = True
+    fds_left: bool = True
     broken: bool = False
     ready_checks: int = 0
     credential_api_calls: int = 0
     endpoint_dials: int = 0
+
+    def can_accept(self) -> bool:
+        return self.fds_left
 
     def credentials_ready(self) -> bool:
         self.ready_checks += 1
@@ -124,6 +129,7 @@ async def test_readyz_ready(admin: Admin) -> None:
         ({"has_credential": False}, REASON_NO_CREDENTIAL),
         ({"draining": True}, REASON_DRAINING),
         ({"active_clients": 10}, REASON_AT_LIMIT),
+        ({"fds_left": False}, REASON_NO_FDS),
         ({"active_clients": 11}, REASON_AT_LIMIT),
         ({"broken": True}, REASON_INTERNAL),
         # Draining wins over every other reason.

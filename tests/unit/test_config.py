@@ -160,6 +160,9 @@ SETTINGS: dict[str, Setting] = {
     "connect_deadline": Setting(
         lambda c: c.connect_deadline, "LAKEPROXY_CONNECT_DEADLINE", "200ms", 0.2, 90.0, 60.0,
     ),
+    "login_timeout": Setting(
+        lambda c: c.login_timeout, "LAKEPROXY_LOGIN_TIMEOUT", "3s", 3.0, 20.0, 15.0,
+    ),
     "max_clients": Setting(lambda c: c.max_clients, "LAKEPROXY_MAX_CLIENTS", "7", 7, 50, 1000),
     "shutdown_grace": Setting(
         lambda c: c.shutdown_grace, "LAKEPROXY_SHUTDOWN_GRACE", "2m", 120.0, 5.0, 30.0,

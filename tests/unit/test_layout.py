@@ -18,7 +18,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "lakeproxy"
 FLOORS: list[tuple[str, ...]] = [
     ("lakeproxy.wire", "lakeproxy.config", "lakeproxy.errors", "lakeproxy.log",
      "lakeproxy.metrics", "lakeproxy.readiness", "lakeproxy.tls", "lakeproxy.cancel",
-     "lakeproxy.auth.provider", "lakeproxy.auth.backoff"),
+     "lakeproxy.auth.provider", "lakeproxy.auth.backoff", "lakeproxy.fds",
+     "lakeproxy.listen"),
     ("lakeproxy.retry", "lakeproxy.client_auth", "lakeproxy.auth"),
     ("lakeproxy.upstream",),
     ("lakeproxy.splice", "lakeproxy.session"),
