@@ -14,14 +14,14 @@
 # ---- build: install lakeproxy and its dependencies into a virtualenv.
 # (Every dependency ships wheels for linux/amd64 and arm64: nothing is compiled.)
 FROM python:3.11-slim AS build
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md LICENSE /src/
 COPY lakeproxy /src/lakeproxy
 RUN python -m venv /opt/lakeproxy
 RUN /opt/lakeproxy/bin/pip install --no-cache-dir /src
 
 # ---- run: the virtualenv on a fresh slim image.
 FROM python:3.11-slim
-# ca-certificates: PGSSLROOTCERT=system (the default) verifies Lakebase against them.
+# ca-certificates: LAKEBASE_SSLROOTCERT=system (the default) verifies Lakebase against them.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \

@@ -1,20 +1,33 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
-# Both create .venv with the project and its test extra on first use.
+# Both create .venv on first use: `make demo` with the project and its emulator
+# extra only, `make test` (and the other targets) with the test extra too.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-emulator
+# make demo LISTEN=127.0.0.1:6433 when 6432 is taken (PgBouncer's default too).
+LISTEN ?=
 
 .PHONY: demo test lint fuzz bench bench-micro clean
 
-$(STAMP): pyproject.toml
+$(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
-	$(BIN)/python -m pip install -q -e '.[test]'
-	touch $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/lakeproxy demo
+# The test extra includes the emulator extra: after `make test`, the demo needs nothing more.
+$(DEMO_STAMP): pyproject.toml | $(VENV)/bin/python
+	@if [ -f $(STAMP) ] && [ $(STAMP) -nt pyproject.toml ]; then :; else \
+	  echo "$(BIN)/python -m pip install -q -e '.[emulator]'"; \
+	  $(BIN)/python -m pip install -q -e '.[emulator]'; fi
+	touch $(DEMO_STAMP)
+
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP) $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
+	$(BIN)/lakeproxy demo $(if $(LISTEN),--listen $(LISTEN))
 
 test: $(STAMP)
 	$(BIN)/ruff check lakeproxy tests benchmarks

@@ -390,7 +390,8 @@ class ProxyProcess(_Managed):
     def sockets(self) -> dict[str, int]:
         """Open TCP sockets by role (see :func:`tcp_sockets`)."""
         return tcp_sockets(
-            self.pid, listen_port=self.port, upstream_port=int(self.env.get("PGPORT", "0"))
+            self.pid, listen_port=self.port,
+            upstream_port=int(self.env.get("LAKEBASE_PORT") or self.env.get("PGPORT", "0"))
         )
 
     def memory(self) -> procstat.Memory:

@@ -89,9 +89,11 @@ class _FixedCredentialWorkspace(FakeWorkspace):
         )
         self._fixed: tuple[str, float] | None = None
 
-    def issue_credential(self, lifetime: float | None = None) -> tuple[str, float]:
+    def issue_credential(
+        self, lifetime: float | None = None, *, principal: str | None = None
+    ) -> tuple[str, float]:
         if self._fixed is None:
-            self._fixed = super().issue_credential(lifetime)
+            self._fixed = super().issue_credential(lifetime, principal=principal)
         return self._fixed
 
 

@@ -95,7 +95,11 @@ class Runtime:
     async def _warm(self, dialer: EndpointDialer) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await dialer.credentials.get(deadline=loop.time() + self.config.connect_deadline)
+            deadline = loop.time() + self.config.connect_deadline
+            await dialer.credentials.get(deadline=deadline)
+            role = await dialer.role(deadline=deadline)  # the signed-in identity, if unset
+            log.info("endpoint %s: signed in with %s, logging in as %s", dialer.config.label,
+                     dialer.credentials.method, role)
         except CredentialError as exc:
             log.warning("could not mint a credential for %s yet: %s", dialer.config.label, exc)
         except Exception:
@@ -170,6 +174,8 @@ class Runtime:
             tls_context=tls_context,
         )
         log.info("configuration reloaded from %s", new.config_file or "environment")
+        for warning in new.warnings:
+            log.warning("%s", warning)
         for d in dialers:
             if not any(d is k for k in kept):
                 self._spawn(self._warm(d))  # readiness needs a credential for each

@@ -3,7 +3,9 @@
 Steps: workspace token -> database credential -> (endpoint host lookup) ->
 TCP+TLS -> login -> ``SELECT current_user, current_database()``. The first
 failure prints the step, the cause and the fix, and the exit status is 1; all
-passing gives 0. Secrets are never printed.
+passing gives 0. Secrets are never printed. The output is this report alone
+(configuration warnings included); log lines appear only with ``--verbose``.
+Fixes name where each value came from (file and key, profile or variable).
 
 After the credential, the endpoint's (or instance's) state and every host it
 reports are printed, the one in use marked with ``*``: as the result of the
@@ -19,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import TextIO, TypeVar
 
 from lakeproxy.auth.status import TargetStatus
-from lakeproxy.config import Config
+from lakeproxy.config import Config, name_sources
 from lakeproxy.errors import LakeproxyError, UpstreamRejected
 from lakeproxy.upstream import UpstreamConnection, UpstreamTarget, connect_with_retry
 from lakeproxy.upstream.dialer import EndpointDialer, build_dialer
@@ -40,8 +42,9 @@ class StepFailed(Exception):
 
 
 class _Report:
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, sources: tuple[tuple[tuple[str, str], ...], ...]) -> None:
         self.out = out
+        self.sources = sources
 
     async def step(self, name: str, action: Callable[[], Awaitable[tuple[T, str]]]) -> T:
         start = time.perf_counter()
@@ -50,7 +53,7 @@ class _Report:
         except StepFailed as exc:
             self._line("FAIL", name, start, exc.cause)
             if exc.fix:
-                self.out.write(f"       fix: {exc.fix}\n")
+                self.out.write(f"       fix: {name_sources(exc.fix, *self.sources)}\n")
             self.out.flush()
             raise
         self._line("ok", name, start, detail)
@@ -96,19 +99,33 @@ async def run_check(config: Config, out: TextIO) -> int:
     endpoint = config.endpoints[0]
     dialer = build_dialer(config, endpoint, None)
     creds = dialer.credentials
-    report = _Report(out)
+    sources = (endpoint.sources, config.sources)
+    report = _Report(out, sources)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + config.connect_deadline
-    out.write(f"lakeproxy check: {endpoint.label} as role {endpoint.user}\n")
+    method = config.databricks.auth_type
+    out.write(f"lakeproxy check: {endpoint.label}, signing in with {method}\n")
+    role = endpoint.user or ""
+    for warning in config.warnings:
+        out.write(f"warning: {warning}\n")
     try:
         async def token() -> tuple[None, str]:
             try:
                 cred = await creds.workspace_token(deadline=deadline)
             except LakeproxyError as exc:
                 raise _failed(exc) from exc
-            if config.databricks.auth_method == "token":
-                return None, "using DATABRICKS_TOKEN"
-            return None, f"OAuth M2M, valid for {cred.remaining(loop.time()) / 60:.0f} min"
+            if creds.static:
+                return None, f"{method}: using {name_sources('DATABRICKS_TOKEN', *sources)}"
+            return None, f"{method}, valid for {cred.remaining(loop.time()) / 60:.0f} min"
+
+        async def identity() -> tuple[str, str]:
+            try:
+                name = await creds.identity(deadline=deadline)
+            except LakeproxyError as exc:
+                raise _failed(exc) from exc
+            used = "logging in as this role" if endpoint.user is None else (
+                f"logging in as role {endpoint.user} (LAKEBASE_USER/PGUSER)")
+            return name, f"{name} ({used})"
 
         async def credential() -> tuple[str, str]:
             try:
@@ -119,6 +136,8 @@ async def run_check(config: Config, out: TextIO) -> int:
             return cred.token, f"valid for {left:.0f} min"
 
         await report.step("workspace token", token)
+        signed_in = await report.step("identity", identity)
+        role = endpoint.user or signed_in
         secret = await report.step("database credential", credential)
 
         in_use: list[str] = []
@@ -160,7 +179,7 @@ async def run_check(config: Config, out: TextIO) -> int:
                     if answer != b"S":
                         raise StepFailed(
                             f"the endpoint refused TLS (answered {answer[:1]!r})",
-                            "check PGHOST/PGPORT point at the Lakebase endpoint",
+                            "check LAKEBASE_HOST/LAKEBASE_PORT point at the Lakebase endpoint",
                         )
                     transport = await loop.start_tls(
                         transport, probe, dialer.ssl_context, server_hostname=target.host
@@ -175,8 +194,8 @@ async def run_check(config: Config, out: TextIO) -> int:
                     transport.abort()
                 raise StepFailed(
                     f"{target}: {type(exc).__name__}: {exc}",
-                    "check PGHOST/PGPORT/PGHOSTADDR and the network; for certificate "
-                    "errors check PGSSLROOTCERT and PGSSLMODE",
+                    "check LAKEBASE_HOST/LAKEBASE_PORT/LAKEBASE_HOSTADDR and the network; for "
+                    "certificate errors check LAKEBASE_SSLROOTCERT and LAKEBASE_SSLMODE",
                 ) from exc
             if transport is not None:
                 transport.close()
@@ -187,7 +206,7 @@ async def run_check(config: Config, out: TextIO) -> int:
 
         async def login() -> tuple[UpstreamConnection, str]:
             target = await _target(dialer, deadline)
-            params = {"user": endpoint.user, "database": endpoint.database,
+            params = {"user": role, "database": endpoint.database,
                       "application_name": "lakeproxy check"}
 
             async def refresh() -> str:
@@ -200,7 +219,7 @@ async def run_check(config: Config, out: TextIO) -> int:
                 )
             except LakeproxyError as exc:
                 raise _failed(exc) from exc
-            return conn, f"{conn.auth_method} as {endpoint.user} to {endpoint.database}"
+            return conn, f"{conn.auth_method} as {role} to {endpoint.database}"
 
         conn = await report.step("login", login)
 

@@ -1,8 +1,8 @@
 """The ``lakeproxy`` command line: parse arguments, load the config, run a command.
 
 Exit status: the command's own (0 success), 2 for a configuration problem
-(printed as one line, ``lakeproxy: <problems>``, never a traceback) or a usage
-error, 1 for another lakeproxy error, 130 after Ctrl-C.
+(one line per problem, ``lakeproxy: <problem>``, the most specific first, never a
+traceback) or a usage error, 1 for another lakeproxy error, 130 after Ctrl-C.
 
 The commands live in their own modules, imported only when the command runs:
 ``lakeproxy.app.serve(config)``, ``lakeproxy.check.run_check(config, out)``,
@@ -16,10 +16,13 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import importlib.util
+import logging
 import os
 import shlex
 import signal
 import sys
+import urllib.parse
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, Protocol, TextIO, TypeVar, cast
@@ -29,6 +32,7 @@ from lakeproxy.config import (
     FLAG_KEYS,
     Config,
     load_config,
+    name_sources,
     parse_duration,
     parse_host_port,
 )
@@ -38,6 +42,11 @@ from lakeproxy.log import add_secret, setup_logging
 PROG: Final = "lakeproxy"
 COMMANDS: Final = ("run", "check", "token", "demo", "emulator", "wait")
 DEFAULT_WAIT_TIMEOUT: Final = "60"
+DEFAULT_DEMO_LISTEN: Final = "127.0.0.1:6432"
+#: What ``lakeproxy demo`` / ``emulator`` need beyond a plain ``pip install lakeproxy``.
+EMULATOR_EXTRA_HINT: Final = (
+    "the emulator needs the optional extra: pip install 'lakeproxy[emulator]'"
+)
 EXIT_CONFIG: Final = 2
 EXIT_INTERRUPTED: Final = 130
 
@@ -116,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         "Exits 0 only if all pass.",
     )
     _add_config_flags(p, proxy=True)
+    p.add_argument(
+        "--verbose", "-v", action="store_true",
+        help="show log lines on stderr as well (by default only the report is printed)",
+    )
 
     p = sub.add_parser(
         "token", help="print one fresh database credential",
@@ -128,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run the local Lakebase emulator with a proxy in front of it",
         description="Start the local Lakebase emulator and a proxy in front of it, print the "
         "psql line that connects, and serve until Ctrl-C. Needs no account and no network.",
+    )
+    p.add_argument(
+        "--listen", metavar="HOST:PORT",
+        help="the proxy's client listener (env LAKEPROXY_LISTEN; default 127.0.0.1:6432, "
+        "which PgBouncer uses too)",
     )
     _add_log_flags(p)
 
@@ -145,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--admin", metavar="HOST:PORT",
-        help="the proxy's admin address (default: LAKEPROXY_ADMIN_LISTEN)",
+        help="the proxy's admin address, HOST:PORT or a URL such as http://127.0.0.1:9090 "
+        "(default: LAKEPROXY_ADMIN_LISTEN)",
     )
     p.add_argument(
         "--timeout", metavar="S", default=DEFAULT_WAIT_TIMEOUT,
@@ -176,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return command(args)
     except ConfigError as exc:
-        _fail(" ".join("; ".join(exc.problems).split("\n")))
+        for problem in exc.problems or [str(exc)]:
+            _fail(" ".join(problem.split("\n")))
         return EXIT_CONFIG
     except LakeproxyError as exc:
         _fail(str(exc) + (f" ({exc.hint})" if exc.hint else ""))
@@ -209,18 +229,24 @@ def _attr(module: str, name: str) -> object:
         raise LakeproxyError(f"{module}.{name} is not available: {exc}") from exc
 
 
-def _load(args: argparse.Namespace) -> Config:
-    """The config from flags, ``os.environ`` and the file; sets up logging."""
+def _load(args: argparse.Namespace, *, log_warnings: bool = True) -> Config:
+    """The config from flags, ``os.environ`` and the file; sets up logging and logs
+    the configuration's warnings (one line each)."""
     flags: dict[str, str | bool | None] = {}
     for key in FLAG_KEYS:
         value = getattr(args, key, None)
         flags[key] = ",".join(value) if isinstance(value, list) else value
     config = load_config(env=os.environ, argv=flags, config_file=args.config)
+    dbx = config.databricks
     for secret in (
-        config.databricks.client_secret, config.databricks.token, config.client_password,
+        dbx.client_secret, dbx.token, config.client_password, dbx.oidc_token,
+        dbx.azure_client_secret, dbx.identity_header,
     ):
         add_secret(secret)
     setup_logging(config.log_format, config.log_level)
+    if log_warnings:
+        for warning in config.warnings:
+            logging.getLogger("lakeproxy.config").warning("%s", warning)
     return config
 
 
@@ -264,7 +290,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args)
+    # The output is the report (config warnings included); log lines only with --verbose.
+    config = _load(args, log_warnings=False)
     run_check = cast(
         Callable[[Config, TextIO], Awaitable[int]], _attr("lakeproxy.check", "run_check")
     )
@@ -272,12 +299,22 @@ def _cmd_check(args: argparse.Namespace) -> int:
     async def go() -> int:
         return await run_check(config, sys.stdout)
 
-    return run_async(go())
+    if args.verbose:
+        return run_async(go())
+    logging.disable(logging.CRITICAL)
+    try:
+        return run_async(go())
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _cmd_token(args: argparse.Namespace) -> int:
     config = _load(args)
-    token = run_async(mint_token(config))
+    try:
+        token = run_async(mint_token(config))
+    except LakeproxyError as exc:
+        exc.hint = name_sources(exc.hint, config.endpoints[0].sources, config.sources)
+        raise
     sys.stdout.write(token + "\n")
     sys.stdout.flush()
     return 0
@@ -302,18 +339,33 @@ async def mint_token(config: Config) -> str:
     return cred.token
 
 
+def _need_emulator_extra() -> None:
+    """Raise LakeproxyError (one line naming the extra) when it is not installed."""
+    if importlib.util.find_spec("trustme") is None:
+        raise LakeproxyError(EMULATOR_EXTRA_HINT)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging_from(args, os.environ)
-    run_demo = cast(Callable[[], Awaitable[int]], _attr("lakeproxy.demo", "run_demo"))
+    listen_text = args.listen or os.environ.get("LAKEPROXY_LISTEN") or DEFAULT_DEMO_LISTEN
+    origin = (f"--listen={listen_text} (command line)" if args.listen
+              else f"LAKEPROXY_LISTEN={listen_text} (environment)")
+    try:
+        parse_host_port(listen_text)
+    except ValueError as exc:
+        raise ConfigError([f"{origin}: {exc}"]) from None
+    _need_emulator_extra()
+    run_demo = cast(Callable[[str], Awaitable[int]], _attr("lakeproxy.demo", "run_demo"))
 
     async def go() -> int:
-        return await run_demo()
+        return await run_demo(listen_text)
 
     return run_async(go())
 
 
 def _cmd_emulator(args: argparse.Namespace) -> int:
     _setup_logging_from(args, os.environ)
+    _need_emulator_extra()
     factory = cast(Callable[[], _Emulator], _attr("lakeproxy.emulator", "Emulator"))
     return run_async(serve_emulator(factory(), sys.stdout))
 
@@ -368,7 +420,10 @@ def _cmd_wait(args: argparse.Namespace) -> int:
                         "LAKEPROXY_ADMIN_LISTEN")
     else:
         try:
-            address = parse_host_port(admin_text, allow_zero=False)
+            if args.admin is not None and "://" in admin_text:
+                address = parse_admin_url(admin_text)
+            else:
+                address = parse_host_port(admin_text, allow_zero=False)
         except ValueError as exc:
             problems.append(f"{origin}: {exc}")
     try:
@@ -382,6 +437,28 @@ def _cmd_wait(args: argparse.Namespace) -> int:
         _fail(f"not ready after {timeout:g}s: {last}")
         return 1
     return 0
+
+
+def parse_admin_url(text: str) -> tuple[str, int]:
+    """``(host, port)`` from ``http://HOST:PORT`` (a trailing ``/`` or ``/readyz`` is
+    fine), as ``lakeproxy wait --admin`` accepts besides ``HOST:PORT``.
+
+    Raises:
+        ValueError: with the reason.
+    """
+    form = "http://HOST:PORT or HOST:PORT, e.g. http://127.0.0.1:9090"
+    try:
+        url = urllib.parse.urlsplit(text.strip())
+        port = url.port
+    except ValueError:
+        raise ValueError(f"must be {form}") from None
+    if url.scheme.lower() != "http":
+        raise ValueError(f"the admin server speaks plain HTTP: must be {form}")
+    if not url.hostname or port is None or port == 0:
+        raise ValueError(f"needs a host and a port: must be {form}")
+    if url.path not in ("", "/", "/readyz") or url.query or url.fragment:
+        raise ValueError(f"must be {form} (lakeproxy wait asks /readyz itself)")
+    return url.hostname, port
 
 
 async def wait_ready(

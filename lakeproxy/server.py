@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lakeproxy.cancel import CancelRegistry
-from lakeproxy.config import Config, EndpointConfig, Listener
+from lakeproxy.config import Config, EndpointConfig, Listener, name_sources
 from lakeproxy.errors import LakeproxyError, ShuttingDown, TooManyConnections
 from lakeproxy.fds import FDS_HEADROOM, free_fds
 from lakeproxy.listen import Acceptor, bind_tcp, bind_unix
@@ -330,7 +330,8 @@ class ProxyServer:
                 client_message=(
                     f"lakeproxy: sorry, too many clients already ({self.max_clients})"
                 ),
-                hint="raise LAKEPROXY_MAX_CLIENTS or use fewer connections",
+                hint=name_sources("raise LAKEPROXY_MAX_CLIENTS or use fewer connections",
+                                  self.config.sources),
             )
         self._clients.add(session)
         return None

@@ -107,7 +107,8 @@ class Dialer(Protocol):
     """Opens logged-in connections to one endpoint (credential, TLS, retries)."""
 
     async def connect(self, params: Mapping[str, str], *, deadline: float) -> Upstream:
-        """Log in with ``params`` (user already replaced) before ``deadline``.
+        """Log in with ``params`` (user already replaced; no ``user`` means the
+        dialer's default role, the signed-in identity) before ``deadline``.
 
         Raises:
             LakeproxyError: with the SQLSTATE the client must see
@@ -141,7 +142,8 @@ class SessionHooks:
     """What a session needs from the server that owns it."""
 
     dialer: Dialer
-    role: str
+    #: None: the dialer logs in as the signed-in identity
+    role: str | None
     default_database: str
     connect_deadline: float
     cancels: CancelRegistry[Dialer]
@@ -452,7 +454,10 @@ class Session:
         self.transport.pause_reading()
 
         params = dict(startup.params)
-        params["user"] = hooks.role
+        if hooks.role is not None:
+            params["user"] = hooks.role
+        else:
+            params.pop("user", None)  # the dialer fills in the signed-in identity
         params["database"] = database
         if conn.hung_up():  # before we paused reading: mint and dial for no one
             raise _ClientGone

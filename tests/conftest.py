@@ -118,6 +118,7 @@ def _reset(emu: Emulator) -> None:
     emu.workspace.credential_lifetime = 3600.0
     emu.workspace.calls.clear()
     emu.workspace.requests.clear()
+    emu.identity.reset()
     emu.workspace.set_disabled(False)
     emu.workspace.set_instance_state("AVAILABLE")
     emu.workspace.readable_secondaries = True

@@ -51,6 +51,7 @@ RemintObserver = Callable[[str, float], None]
 KIND_OAUTH: Final = "oauth"
 KIND_DATABASE: Final = "database"
 KIND_ENDPOINT: Final = "endpoint"
+KIND_IDENTITY: Final = "identity"
 RESULT_OK: Final = "ok"
 RESULT_ERROR: Final = "error"
 RESULT_REFUSED: Final = "refused"
@@ -68,6 +69,7 @@ _DESCRIPTION: Final = {
     KIND_OAUTH: "workspace OAuth token",
     KIND_DATABASE: "database credential",
     KIND_ENDPOINT: "endpoint status",
+    KIND_IDENTITY: "signed-in identity",
 }
 
 
@@ -307,7 +309,7 @@ class _Slot:
             self._start()
 
 
-def _retrieve(task: asyncio.Task[Credential]) -> None:
+def _retrieve(task: asyncio.Task[Credential] | asyncio.Task[str]) -> None:
     """Mark a refresh's exception as retrieved (waiters, if any, also get it)."""
     if not task.cancelled():
         task.exception()
@@ -350,6 +352,7 @@ class CachedCredentials:
             min_remint_interval=min_remint_interval, on_remint_limited=on_remint_limited,
         )
         self._hosts: dict[str, str] = {}
+        self._identity: asyncio.Task[str] | None = None
 
     def __repr__(self) -> str:
         return f"CachedCredentials({self._api!r})"
@@ -381,6 +384,16 @@ class CachedCredentials:
             return True
         return self._database.last_ok is True
 
+    @property
+    def static(self) -> bool:
+        """True when the workspace token is a static one (``pat``)."""
+        return self._api.static_token
+
+    @property
+    def method(self) -> str:
+        """The workspace sign-in method in use (``oauth-m2m``, ``databricks-cli``, ...)."""
+        return self._api.method
+
     async def endpoint_host(
         self, endpoint_name: str | None = None, *, deadline: float
     ) -> str:
@@ -400,6 +413,30 @@ class CachedCredentials:
         )
         self._hosts[name] = host
         return host
+
+    async def identity(self, *, deadline: float) -> str:
+        """The signed-in identity's name (SCIM ``Me`` ``userName``): the role to log
+        in as when none is configured. Asked once, then remembered; callers
+        arriving meanwhile share the one request.
+
+        Raises CredentialError as :meth:`target_status` does.
+        """
+        task = self._identity
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
+            loop = asyncio.get_running_loop()
+            # Not bounded by this caller's deadline: a later caller may wait longer.
+            task = loop.create_task(
+                self._retried(KIND_IDENTITY, lambda bearer, d: self._api.me(bearer, deadline=d),
+                              loop.time() + self._api.request_timeout * 3),
+                name="lakeproxy-identity",
+            )
+            task.add_done_callback(_retrieve)
+            self._identity = task
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(task)
+        except TimeoutError:
+            raise CredentialUnavailable(KIND_IDENTITY, None) from None
 
     async def target_status(self, *, deadline: float) -> TargetStatus:
         """The configured endpoint's or instance's hosts and state, read now
@@ -437,6 +474,8 @@ class CachedCredentials:
 
     async def close(self) -> None:
         """Stop background refreshes and close the HTTP session."""
+        if self._identity is not None and not self._identity.done():
+            self._identity.cancel()
         await self._database.close()
         await self._oauth.close()
         await self._api.close()

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
 import ipaddress
 import json
 import logging
-import math
 import re
 import ssl
 import time
@@ -38,6 +36,23 @@ import aiohttp
 from lakeproxy import __version__
 from lakeproxy.auth.backoff import parse_retry_after
 from lakeproxy.auth.provider import Credential
+from lakeproxy.auth.signin.base import (
+    DOCUMENTED_LIFETIME,
+    HintFor,
+    JsonObject,
+    SignIn,
+)
+from lakeproxy.auth.signin.base import clip as _clip
+from lakeproxy.auth.signin.base import credential_at as _credential
+from lakeproxy.auth.signin.base import malformed as _malformed
+from lakeproxy.auth.signin.base import parse_rfc3339 as parse_rfc3339
+from lakeproxy.auth.signin.base import retryable as _retryable
+from lakeproxy.auth.signin.base import str_field as _str_field
+from lakeproxy.auth.signin.m2m import HINT_CLIENT as HINT_CLIENT
+from lakeproxy.auth.signin.m2m import OIDC_TOKEN_PATH as OIDC_TOKEN_PATH
+from lakeproxy.auth.signin.m2m import M2MSignIn
+from lakeproxy.auth.signin.pat import HINT_PAT as HINT_PAT
+from lakeproxy.auth.signin.pat import PatSignIn
 from lakeproxy.auth.status import StatusError, TargetStatus, parse_endpoint, parse_instance
 from lakeproxy.errors import ConfigError, CredentialError
 from lakeproxy.wire import sqlstate
@@ -45,11 +60,7 @@ from lakeproxy.wire import sqlstate
 log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TIMEOUT: Final = 10.0
-#: Databricks documents 60 minutes for both tokens; used when a response
-#: omits the expiry.
-DOCUMENTED_LIFETIME: Final = 3600.0
-
-OIDC_TOKEN_PATH: Final = "/oidc/v1/token"  # noqa: S105 - a path, not a secret
+SCIM_ME_PATH: Final = "/api/2.0/preview/scim/v2/Me"
 POSTGRES_CREDENTIALS_PATH: Final = "/api/2.0/postgres/credentials"
 DATABASE_CREDENTIALS_PATH: Final = "/api/2.0/database/credentials"
 POSTGRES_API_PREFIX: Final = "/api/2.0/postgres/"
@@ -59,11 +70,19 @@ ENDPOINT_NAME_RE: Final = re.compile(r"projects/[^/]+/branches/[^/]+/endpoints/[
 
 # Fixes from the troubleshooting table of Databricks' "Connect external apps to
 # Lakebase using the API" page.
-HINT_CLIENT: Final = "check DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET"
-HINT_PAT: Final = "check DATABRICKS_TOKEN (it may be expired or revoked)"
 HINT_WORKSPACE_ACCESS: Final = "enable 'Workspace access' for the service principal"
 HINT_ENDPOINT: Final = "set ENDPOINT_NAME to projects/<p>/branches/<b>/endpoints/<e>"
 HINT_INSTANCE: Final = "set LAKEBASE_INSTANCE to the name of an existing provisioned instance"
+# A well-formed name the workspace does not know (404 RESOURCE_DOES_NOT_EXIST).
+HINT_ENDPOINT_NOT_FOUND: Final = (
+    "endpoint not found: check that ENDPOINT_NAME names an endpoint of this workspace "
+    "(the Lakebase app shows projects/<p>/branches/<b>/endpoints/<e>) and that DATABRICKS_HOST "
+    "is the workspace it belongs to"
+)
+HINT_INSTANCE_NOT_FOUND: Final = (
+    "instance not found: check that LAKEBASE_INSTANCE names a provisioned instance of this "
+    "workspace and that DATABRICKS_HOST is the workspace it belongs to"
+)
 HINT_ROLE: Final = (
     "create the OAuth role for the service principal in the Lakebase SQL editor "
     "(databricks_create_role)"
@@ -78,12 +97,6 @@ HINT_WRONG_WORKSPACE: Final = (
 )
 HINT_HOST_API: Final = "check DATABRICKS_HOST: it should be the workspace URL"
 
-_MESSAGE_LIMIT: Final = 300
-_RFC3339_RE: Final = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:?\d{2})"
-)
-
-JsonObject = dict[str, object]
 
 
 def is_loopback_host(host: str) -> bool:
@@ -119,31 +132,6 @@ def check_host(host: str) -> str:
     return urllib.parse.urlunsplit((scheme, parsed.netloc, parsed.path.rstrip("/"), "", ""))
 
 
-def parse_rfc3339(value: str) -> float:
-    """Parse an RFC 3339 timestamp into a Unix time.
-
-    Handles ``Z`` and numeric offsets and fractional seconds of any precision
-    (``2026-11-28T10:00:00.123456789Z``). Raises ``ValueError`` otherwise.
-    """
-    match = _RFC3339_RE.fullmatch(value.strip())
-    if match is None:
-        raise ValueError(f"not an RFC 3339 timestamp: {value!r}")
-    year, month, day, hour, minute, second = (int(g) for g in match.groups()[:6])
-    fraction = float(match.group(7)) if match.group(7) else 0.0
-    zone = match.group(8)
-    if zone in ("Z", "z"):
-        tz = datetime.UTC
-    else:
-        sign = -1 if zone[0] == "-" else 1
-        digits = zone[1:].replace(":", "")
-        offset = datetime.timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
-        tz = datetime.timezone(sign * offset)
-    # A leap second (:60) is folded into the next second.
-    leap = 1 if second == 60 else 0
-    stamp = datetime.datetime(year, month, day, hour, minute, second - leap, tzinfo=tz)
-    return stamp.timestamp() + leap + fraction
-
-
 def hint_for(
     status: int,
     error_code: str | None,
@@ -171,7 +159,8 @@ def hint_for(
     if "invalid parameter value" in text or "'endpoint'" in text or "'instance" in text:
         return target_hint
     if status == 404 or "does not exist" in text or "not found" in text:
-        return target_hint
+        # A well-formed name the workspace does not know (404 RESOURCE_DOES_NOT_EXIST).
+        return HINT_INSTANCE_NOT_FOUND if provisioned else HINT_ENDPOINT_NOT_FOUND
     if step == "oauth" and status in (400, 401, 403):
         return HINT_CLIENT
     if status == 401:
@@ -198,37 +187,14 @@ def _error_fields(body: bytes) -> tuple[str | None, str | None]:
     )
 
 
-def _clip(text: str) -> str:
-    return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 3] + "..."
 
 
-def _malformed(what: str, detail: str) -> CredentialError:
-    return _retryable(f"{what}: malformed response: {detail}")
 
 
-def _retryable(message: str, *, hint: str | None = None) -> CredentialError:
-    """A failure worth retrying; if retries run out the client sees 08006."""
-    return CredentialError(
-        message, retryable=True, hint=hint, sqlstate=sqlstate.CONNECTION_FAILURE
-    )
 
 
-def _str_field(obj: Mapping[str, object], name: str, what: str) -> str:
-    value = obj.get(name)
-    if not isinstance(value, str) or not value:
-        raise _malformed(what, f"no {name!r} string")
-    return value
 
 
-def _credential(token: str, expires_wall: float, what: str) -> Credential:
-    """A credential whose response arrived now and that expires at ``expires_wall``."""
-    now = asyncio.get_running_loop().time()
-    lifetime = expires_wall - time.time()
-    if not lifetime > 0 or not math.isfinite(lifetime):
-        raise _malformed(what, "the credential is already expired (is the clock right?)")
-    return Credential(
-        token=token, issued_at=now, expires_at=now + lifetime, expires_wall=expires_wall
-    )
 
 
 def _env_proxy(url: str) -> str | None:
@@ -253,13 +219,11 @@ class DatabricksApi:
     """
 
     __slots__ = (
-        "_client_id",
-        "_client_secret",
         "_closed",
         "_proxy",
         "_session",
+        "_signin",
         "_ssl",
-        "_static_token",
         "endpoint_name",
         "host",
         "instance_name",
@@ -273,6 +237,7 @@ class DatabricksApi:
         client_id: str | None = None,
         client_secret: str | None = None,
         token: str | None = None,
+        signin: SignIn | None = None,
         endpoint_name: str | None = None,
         instance_name: str | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
@@ -285,12 +250,12 @@ class DatabricksApi:
             problems.extend(exc.problems)
             self.host = ""
         has_oauth = bool(client_id or client_secret)
-        if token and has_oauth:
+        if signin is None and token and has_oauth:
             problems.append(
                 "DATABRICKS_TOKEN and DATABRICKS_CLIENT_ID/DATABRICKS_CLIENT_SECRET: "
                 "set one authentication method, not both"
             )
-        elif not token and not (client_id and client_secret):
+        elif signin is None and not token and not (client_id and client_secret):
             problems.append(
                 "DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET (or DATABRICKS_TOKEN): "
                 "required"
@@ -306,9 +271,10 @@ class DatabricksApi:
             problems.append("request timeout: must be positive")
         if problems:
             raise ConfigError(problems)
-        self._client_id = client_id or None
-        self._client_secret = client_secret or None
-        self._static_token = token or None
+        if signin is None:
+            # Either a token, or both client_id and client_secret: checked above.
+            signin = PatSignIn(token) if token else M2MSignIn(client_id or "", client_secret or "")
+        self._signin: SignIn = signin
         self.endpoint_name = endpoint_name or None
         self.instance_name = instance_name or None
         self.request_timeout = request_timeout
@@ -318,14 +284,18 @@ class DatabricksApi:
         self._closed = False
 
     def __repr__(self) -> str:
-        auth = "token" if self._static_token else "oauth-m2m"
         target = self.endpoint_name or f"instance {self.instance_name}"
-        return f"DatabricksApi(host={self.host!r}, auth={auth}, target={target!r})"
+        return f"DatabricksApi(host={self.host!r}, auth={self.method}, target={target!r})"
+
+    @property
+    def method(self) -> str:
+        """The sign-in method's name (``oauth-m2m``, ``pat``, ``databricks-cli``, ...)."""
+        return self._signin.method
 
     @property
     def static_token(self) -> bool:
         """True when a static token (``DATABRICKS_TOKEN``) replaces OAuth."""
-        return self._static_token is not None
+        return self._signin.static
 
     @property
     def provisioned(self) -> bool:
@@ -342,39 +312,23 @@ class DatabricksApi:
     # ------------------------------------------------------------------ calls
 
     async def oauth_token(self, *, deadline: float) -> Credential:
-        """Step 1: a workspace token for the Bearer header of step 2.
+        """Step 1: a workspace token for the Bearer header of step 2, from the
+        sign-in method (a static token is returned without a request).
 
-        With a static token, returns it (never expiring) without a request.
         ``deadline`` is an absolute ``loop.time()``. Raises CredentialError.
         """
-        if self._static_token is not None:
-            now = asyncio.get_running_loop().time()
-            return Credential(
-                token=self._static_token, issued_at=now, expires_at=math.inf,
-                expires_wall=math.inf,
-            )
-        client_id, client_secret = self._client_id, self._client_secret
-        if client_id is None or client_secret is None:  # __init__ makes this unreachable
-            raise ConfigError(["DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET: required"])
-        what = f"workspace OAuth token (POST {OIDC_TOKEN_PATH})"
-        body = await self._request(
-            what, "POST", OIDC_TOKEN_PATH, step="oauth", deadline=deadline,
-            data={"grant_type": "client_credentials", "scope": "all-apis"},
-            basic=(client_id, client_secret),
-        )
-        token = _str_field(body, "access_token", what)
-        expires_in = body.get("expires_in")
-        if isinstance(expires_in, str):
-            try:
-                expires_in = float(expires_in)
-            except ValueError:
-                raise _malformed(what, "'expires_in' is not a number") from None
-        if expires_in is None:
-            log.debug("%s: no expires_in; assuming %.0fs", what, DOCUMENTED_LIFETIME)
-            expires_in = DOCUMENTED_LIFETIME
-        if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
-            raise _malformed(what, "'expires_in' is not a number")
-        return _credential(token, time.time() + float(expires_in), what)
+        return await self._signin.token(self, deadline=deadline)
+
+    async def me(self, bearer: str, *, deadline: float) -> str:
+        """The signed-in identity's name: ``userName`` of ``GET /api/2.0/preview/scim/v2/Me``
+        (a user's e-mail, or a service principal's application id).
+
+        Raises CredentialError.
+        """
+        what = f"signed-in identity (GET {SCIM_ME_PATH})"
+        body = await self._request(what, "GET", SCIM_ME_PATH, step="identity",
+                                   deadline=deadline, bearer=bearer)
+        return _str_field(body, "userName", what)
 
     async def database_credential(self, bearer: str, *, deadline: float) -> Credential:
         """Step 2: a database credential (the Postgres password) for ``bearer``.
@@ -472,6 +426,27 @@ class DatabricksApi:
             )
         return self._session
 
+    async def request_json(
+        self,
+        what: str,
+        method: str,
+        url: str,
+        *,
+        step: str,
+        deadline: float,
+        basic: tuple[str, str] | None = None,
+        data: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        hint: HintFor | None = None,
+        direct: bool = False,
+    ) -> JsonObject:
+        """For sign-in methods: see :class:`lakeproxy.auth.signin.base.Http`."""
+        return await self._request(
+            what, method, url, step=step, deadline=deadline, basic=basic, data=data,
+            params=params, headers=headers, hint=hint, direct=direct,
+        )
+
     async def _request(
         self,
         what: str,
@@ -482,12 +457,18 @@ class DatabricksApi:
         deadline: float,
         bearer: str | None = None,
         basic: tuple[str, str] | None = None,
-        data: dict[str, str] | None = None,
+        data: Mapping[str, str] | None = None,
         json_body: JsonObject | None = None,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        hint: HintFor | None = None,
+        direct: bool = False,
     ) -> JsonObject:
         """Send one request; return the JSON object of a 2xx reply.
 
-        Raises CredentialError (retryable or final, see the module docstring).
+        ``path`` is relative to the workspace unless it is a full URL (identity
+        providers). Raises CredentialError (retryable or final, see the module
+        docstring); a final one's fix comes from ``hint`` when given.
         """
         if self._closed:
             raise CredentialError(f"{what}: the credential client is closed", retryable=False)
@@ -496,17 +477,19 @@ class DatabricksApi:
         timeout = min(self.request_timeout, deadline - started)
         if timeout <= 0:
             raise _retryable(f"{what}: no time left before the deadline")
-        headers = {"Accept": "application/json"}
+        full = path if path.startswith(("https://", "http://")) else self.host + path
+        headers = {"Accept": "application/json", **(headers or {})}
         if bearer is not None:
             headers["Authorization"] = f"Bearer {bearer}"
         elif basic is not None:
             pair = base64.b64encode(f"{basic[0]}:{basic[1]}".encode()).decode("ascii")
             headers["Authorization"] = f"Basic {pair}"
         try:
+            proxy = None if direct else (self._proxy if full is not path else _env_proxy(full))
             async with self._get_session().request(
-                method, self.host + path, headers=headers, data=data,
+                method, full, headers=headers, data=data, params=params,
                 json=json_body, timeout=aiohttp.ClientTimeout(total=timeout),
-                allow_redirects=False, proxy=self._proxy,
+                allow_redirects=False, proxy=proxy,
             ) as resp:
                 status = resp.status
                 retry_after = parse_retry_after(resp.headers.get("Retry-After"))
@@ -543,12 +526,15 @@ class DatabricksApi:
                 sqlstate=sqlstate.CONNECTION_FAILURE,
             )
         log.info("%s %s -> %d %s", method, path, status, error_code or "")
-        hint = hint_for(
+        fix = hint(status, error_code, message) if hint is not None else hint_for(
             status, error_code, message, step=step, static_token=self.static_token,
             provisioned=self.provisioned,
         )
+        if (hint is None and status == 401 and step != "oauth"
+                and self.method not in ("oauth-m2m", "pat")):
+            fix = self._signin.refused_hint(status, error_code, message)
         raise CredentialError(
             f"{what} refused: {detail}", retryable=False, status=status,
-            error_code=error_code, hint=hint,
+            error_code=error_code, hint=fix,
             sqlstate=sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
         )

@@ -13,6 +13,7 @@ importable from this package.
 
 from lakeproxy.config.load import ENV_VARS, FILE_KEYS, FLAG_KEYS, load_config, reload_config
 from lakeproxy.config.model import (
+    AUTH_TYPES,
     DEFAULT_CONNECT_DEADLINE,
     DEFAULT_DATABASE,
     DEFAULT_LISTEN,
@@ -25,6 +26,7 @@ from lakeproxy.config.model import (
     DEFAULT_UNIX_PORT,
     HOST_KINDS,
     PROVISIONED_KINDS,
+    AuthType,
     ClientTls,
     Config,
     DatabricksConfig,
@@ -35,6 +37,7 @@ from lakeproxy.config.model import (
     LogLevel,
     SslMode,
     is_loopback_host,
+    name_sources,
 )
 from lakeproxy.config.values import (
     parse_duration,
@@ -44,6 +47,7 @@ from lakeproxy.config.values import (
 )
 
 __all__ = [
+    "AUTH_TYPES",
     "DEFAULT_CONNECT_DEADLINE",
     "DEFAULT_DATABASE",
     "DEFAULT_LISTEN",
@@ -59,6 +63,7 @@ __all__ = [
     "FLAG_KEYS",
     "HOST_KINDS",
     "PROVISIONED_KINDS",
+    "AuthType",
     "ClientTls",
     "Config",
     "DatabricksConfig",
@@ -70,6 +75,7 @@ __all__ = [
     "SslMode",
     "is_loopback_host",
     "load_config",
+    "name_sources",
     "parse_duration",
     "parse_host_port",
     "parse_listener",

@@ -4,17 +4,24 @@
 environment is passed in, ``os.environ`` is never read here. It collects every
 problem it finds and raises one :class:`~lakeproxy.errors.ConfigError`; each
 problem names the key and where the value came from, e.g.
-``PGSSLMODE=disable (environment): must be one of require, verify-ca,
-verify-full``. A secret's value never appears in a message or a ``repr``.
+``LAKEBASE_SSLMODE=disable (environment): must be one of require, verify-ca,
+verify-full``; "required" problems come after the others (a typo in the file
+often explains them). A secret's value never appears in a message or a ``repr``.
+Warnings (a client-only ``PGSSLMODE`` that was ignored) go to ``Config.warnings``,
+and ``Config.sources`` / ``EndpointConfig.sources`` say where each value came
+from, so hints can name that place (:func:`~lakeproxy.config.model.name_sources`).
 
 Rules worth knowing:
 
 * an empty environment variable counts as unset (as libpq does);
 * relative paths in the TOML file are relative to the file's directory, and
   ``~`` expands with ``HOME`` from the given environment;
+* an endpoint key comes from its ``LAKEBASE_*`` variable, else the file, else
+  the ``PG*`` variable libpq reads (:data:`ENDPOINT_ENV`): a shell's ``PG*`` are
+  usually meant for the proxy's clients;
 * with several ``[[endpoints]]`` in the file, the per-endpoint environment
-  variables (``ENDPOINT_NAME``, ``LAKEBASE_INSTANCE``, ``PG*``) are ignored and
-  ``LAKEPROXY_LISTEN`` / ``--listen`` are refused: each endpoint says it all;
+  variables (``ENDPOINT_NAME``, ``LAKEBASE_INSTANCE``, ``LAKEBASE_*``, ``PG*``) are
+  ignored and ``LAKEPROXY_LISTEN`` / ``--listen`` are refused: each endpoint says it all;
   with one ``[[endpoints]]`` table, they override its fields.
 
 Adding a key: a field in :mod:`~lakeproxy.config.model`, its name in
@@ -23,6 +30,8 @@ Adding a key: a field in :mod:`~lakeproxy.config.model`, its name in
 
 from __future__ import annotations
 
+import os
+import shutil
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -30,8 +39,10 @@ from pathlib import Path
 from typing import Final, TypeVar, cast
 
 from lakeproxy.config.model import (
+    DEFAULT_AZURE_AUTHORITY,
     DEFAULT_CONNECT_DEADLINE,
     DEFAULT_DATABASE,
+    DEFAULT_IMDS_HOST,
     DEFAULT_LISTEN,
     DEFAULT_LOGIN_TIMEOUT,
     DEFAULT_MAX_CLIENTS,
@@ -39,6 +50,7 @@ from lakeproxy.config.model import (
     DEFAULT_SHUTDOWN_GRACE,
     DEFAULT_SSLMODE,
     PROVISIONED_KINDS,
+    AuthType,
     ClientTls,
     Config,
     DatabricksConfig,
@@ -52,12 +64,14 @@ from lakeproxy.config.values import (
     Bad,
     Raw,
     as_admin_listen,
+    as_auth_type,
     as_bool,
     as_client_tls,
     as_databricks_host,
     as_duration,
     as_endpoint_name,
     as_host_kind,
+    as_identity_url,
     as_ip_address,
     as_listeners,
     as_log_format,
@@ -77,7 +91,11 @@ from lakeproxy.errors import ConfigError
 #: Keys the TOML file may hold, per table. A test checks that
 #: ``config.example.toml`` documents each of them.
 FILE_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
-    "databricks": ("host", "client_id", "client_secret", "token", "profile", "config_file"),
+    "databricks": (
+        "host", "client_id", "client_secret", "token", "profile", "config_file", "auth_type",
+        "cli_path", "oidc_token_file", "azure_client_id", "azure_client_secret",
+        "azure_tenant_id",
+    ),
     "proxy": (
         "listen", "admin_listen", "client_password", "tls_cert", "tls_key", "client_tls",
         "connect_deadline", "max_clients", "shutdown_grace", "log_format", "log_level",
@@ -94,8 +112,14 @@ FILE_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
 ENV_VARS: Final[tuple[str, ...]] = (
     "DATABRICKS_HOST", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET", "DATABRICKS_TOKEN",
     "DATABRICKS_CONFIG_PROFILE", "DATABRICKS_CONFIG_FILE",
+    "DATABRICKS_AUTH_TYPE", "DATABRICKS_CLI_PATH", "DATABRICKS_OIDC_TOKEN",
+    "DATABRICKS_OIDC_TOKEN_FILE", "ARM_CLIENT_ID", "ARM_CLIENT_SECRET", "ARM_TENANT_ID",
+    "AZURE_AUTHORITY_HOST", "IDENTITY_ENDPOINT", "IDENTITY_HEADER",
+    "AZURE_POD_IDENTITY_AUTHORITY_HOST",
     "ENDPOINT_NAME", "LAKEBASE_INSTANCE",
     "LAKEBASE_HOST_KIND",
+    "LAKEBASE_HOST", "LAKEBASE_PORT", "LAKEBASE_HOSTADDR", "LAKEBASE_DATABASE", "LAKEBASE_USER",
+    "LAKEBASE_SSLMODE", "LAKEBASE_SSLROOTCERT",
     "PGHOST", "PGPORT", "PGHOSTADDR", "PGDATABASE", "PGUSER", "PGSSLMODE", "PGSSLROOTCERT",
     "LAKEPROXY_CONFIG", "LAKEPROXY_LISTEN", "LAKEPROXY_ADMIN_LISTEN", "LAKEPROXY_CLIENT_PASSWORD",
     "LAKEPROXY_TLS_CERT", "LAKEPROXY_TLS_KEY", "LAKEPROXY_CLIENT_TLS",
@@ -109,7 +133,34 @@ FLAG_KEYS: Final[tuple[str, ...]] = (
     "listen", "admin_listen", "allow_remote_trust", "log_level", "log_format",
 )
 
-_SECRET_KEYS: Final = frozenset({"client_secret", "token", "client_password"})
+_SECRET_KEYS: Final = frozenset({
+    "client_secret", "token", "client_password", "azure_client_secret", "oidc_token",
+})
+#: Keys that configure a sign-in method; set without a named profile, the
+#: ~/.databrickscfg file is not read (as the SDKs do).
+_DIRECT_AUTH_KEYS: Final = (
+    "client_id", "client_secret", "token", "oidc_token", "oidc_token_file",
+    "azure_client_secret", "azure_tenant_id",
+)
+#: ~/.databrickscfg key -> our name, where they differ (the SDKs' profile keys).
+_PROFILE_RENAME: Final = {
+    "databricks_cli_path": "cli_path", "oidc_token_filepath": "oidc_token_file",
+}
+#: An endpoint key's own variable and the libpq variable it falls back to. The
+#: proxy's own name (and the TOML key) wins: the PG* names in a shell or a shared
+#: .env file are usually meant for the clients of the proxy (SPEC "Configuration").
+ENDPOINT_ENV: Final[Mapping[str, tuple[str, str]]] = {
+    "host": ("LAKEBASE_HOST", "PGHOST"),
+    "port": ("LAKEBASE_PORT", "PGPORT"),
+    "hostaddr": ("LAKEBASE_HOSTADDR", "PGHOSTADDR"),
+    "database": ("LAKEBASE_DATABASE", "PGDATABASE"),
+    "user": ("LAKEBASE_USER", "PGUSER"),
+    "sslmode": ("LAKEBASE_SSLMODE", "PGSSLMODE"),
+    "sslrootcert": ("LAKEBASE_SSLROOTCERT", "PGSSLROOTCERT"),
+}
+#: PGSSLMODE values that only make sense for a client: ignored (with a warning)
+#: as a fallback, refused as LAKEBASE_SSLMODE or a TOML sslmode.
+_CLIENT_ONLY_SSLMODES: Final = frozenset({"disable", "allow", "prefer"})
 _T = TypeVar("_T")
 
 
@@ -177,11 +228,14 @@ class _Loader:
         self.config_flag = config_file
         self.home = env.get("HOME") or None
         self.problems: list[str] = []
+        self.missing_problems: list[str] = []  # "required" ones: printed after the specific ones
+        self.warnings: list[str] = []
+        self.sources: dict[str, str] = {}  # variable -> where its value came from, for hints
         self.complete = True  # False when the file could not be read: skip "required" checks
+        self.profile_failed = False  # the ~/.databrickscfg profile could not be read
         self.file_path: Path | None = None
         self.file_label = ""
         self.doc: dict[str, object] = {}
-        self.any_auth = True  # set by databricks()
 
     # -- problems --------------------------------------------------------
 
@@ -191,7 +245,18 @@ class _Loader:
 
     def missing(self, text: str) -> None:
         if self.complete:
-            self.problems.append(text)
+            self.missing_problems.append(text)
+
+    def missing_auth(self, text: str) -> None:
+        """A required sign-in value is missing, unless a broken profile explains it."""
+        if not self.profile_failed:
+            self.missing(text)
+
+    def note(self, name: str, raw: Raw | None) -> Raw | None:
+        """Remember where ``name``'s value came from (for hints); returns ``raw``."""
+        if raw is not None:
+            self.sources[name] = raw.source
+        return raw
 
     # -- sources ---------------------------------------------------------
 
@@ -201,14 +266,14 @@ class _Loader:
             return None
         opt = "--" + name.replace("_", "-")
         shown = "" if value is True else f"={show(value)}"
-        return Raw(value, f"{opt}{shown} (command line)")
+        return Raw(value, f"{opt}{shown} (command line)", source=opt)
 
     def envvar(self, name: str, *, secret: bool = False) -> Raw | None:
         value = self.env.get(name)
         if not value:
             return None
         origin = f"{name} (environment)" if secret else f"{name}={show(value)} (environment)"
-        return Raw(value, origin)
+        return Raw(value, origin, source=name)
 
     def fileval(self, table: Mapping[str, object], where: str, key: str) -> Raw | None:
         if key not in table:
@@ -220,6 +285,7 @@ class _Loader:
             f"{where} {key} ({self.file_label})",
             shown=None if secret else show(value),
             base=self.file_path.parent if self.file_path is not None else None,
+            source=f"{key} in {where} of {self.file_label}",
         )
 
     @staticmethod
@@ -279,8 +345,11 @@ class _Loader:
         proxy = self.proxy(proxy_table)
         endpoints = self.endpoints(file_endpoints, proxy_table, client_id_raw, proxy)
 
-        if self.problems or databricks is None:
-            raise ConfigError(self.problems or ["DATABRICKS_HOST: required"])
+        # Most specific first: a typo in the file or a bad value often explains a
+        # "required" problem that follows it.
+        problems = self.problems + self.missing_problems
+        if problems or databricks is None:
+            raise ConfigError(problems or ["DATABRICKS_HOST: required"])
         flags: list[tuple[str, str | bool]] = [
             (k, v) for k, v in self.flags.items() if v is not None
         ]
@@ -303,6 +372,8 @@ class _Loader:
             allow_remote_trust=proxy.allow_remote_trust,
             config_file=self.file_path,
             flags=tuple(flags),
+            warnings=tuple(self.warnings),
+            sources=tuple(self.sources.items()),
         )
 
     # -- the TOML file ---------------------------------------------------
@@ -390,68 +461,211 @@ class _Loader:
     def databricks(
         self, table: Mapping[str, object]
     ) -> tuple[DatabricksConfig | None, Raw | None]:
-        """The identity (None if unusable), and the client id's source (PGUSER's default)."""
+        """The identity (None if unusable), and the source of the default role.
+
+        The default role is the client id for ``oauth-m2m`` (and for ``pat`` when
+        DATABRICKS_CLIENT_ID is set too); for the other methods it is None: the
+        signed-in identity is asked for (SCIM ``Me``).
+        """
         where = "[databricks]"
+
+        def src(key: str, env: str, *, secret: bool = False) -> Raw | None:
+            return self.pick(self.envvar(env, secret=secret), self.fileval(table, where, key))
+
         vals: dict[str, Raw | None] = {
-            "host": self.pick(self.envvar("DATABRICKS_HOST"), self.fileval(table, where, "host")),
-            "client_id": self.pick(
-                self.envvar("DATABRICKS_CLIENT_ID"), self.fileval(table, where, "client_id")
-            ),
-            "client_secret": self.pick(
-                self.envvar("DATABRICKS_CLIENT_SECRET", secret=True),
-                self.fileval(table, where, "client_secret"),
-            ),
-            "token": self.pick(
-                self.envvar("DATABRICKS_TOKEN", secret=True), self.fileval(table, where, "token")
-            ),
+            "host": src("host", "DATABRICKS_HOST"),
+            "client_id": src("client_id", "DATABRICKS_CLIENT_ID"),
+            "client_secret": src("client_secret", "DATABRICKS_CLIENT_SECRET", secret=True),
+            "token": src("token", "DATABRICKS_TOKEN", secret=True),
+            "auth_type": src("auth_type", "DATABRICKS_AUTH_TYPE"),
+            "cli_path": src("cli_path", "DATABRICKS_CLI_PATH"),
+            "oidc_token": self.envvar("DATABRICKS_OIDC_TOKEN", secret=True),
+            "oidc_token_file": src("oidc_token_file", "DATABRICKS_OIDC_TOKEN_FILE"),
+            "azure_client_id": src("azure_client_id", "ARM_CLIENT_ID"),
+            "azure_client_secret": src("azure_client_secret", "ARM_CLIENT_SECRET", secret=True),
+            "azure_tenant_id": src("azure_tenant_id", "ARM_TENANT_ID"),
         }
-        profile = self.profile_values(table, vals)
+        before = len(self.problems)
+        profile_name, profile = self.profile_values(table, vals)
+        # A profile that could not be read explains any missing host or credentials:
+        # say only that (one line), not "required" for each value it would have held.
+        self.profile_failed = len(self.problems) > before
         for key, raw in profile.items():
-            if vals[key] is None:
+            if vals.get(key) is None:
                 vals[key] = raw
 
+        for key, var in (("host", "DATABRICKS_HOST"), ("client_id", "DATABRICKS_CLIENT_ID"),
+                         ("client_secret", "DATABRICKS_CLIENT_SECRET"),
+                         ("token", "DATABRICKS_TOKEN")):
+            self.note(var, vals[key])
         host = self.parse_opt(vals["host"], as_databricks_host)
-        client_id = self.parse_opt(vals["client_id"], as_text)
-        secret = self.parse_opt(vals["client_secret"], as_secret)
-        token = self.parse_opt(vals["token"], as_secret)
-
         if vals["host"] is None:
-            self.missing(
+            self.missing_auth(
                 "DATABRICKS_HOST: required (the workspace URL, https://...; set it in the "
                 "environment, in [databricks] host, or in a ~/.databrickscfg profile)"
             )
+        text = {
+            key: self.parse_opt(vals[key], as_secret if key in _SECRET_KEYS else as_text)
+            for key in ("client_id", "client_secret", "token", "oidc_token",
+                        "azure_client_id", "azure_client_secret", "azure_tenant_id")
+        }
+        oidc_file = self.parse_opt(vals["oidc_token_file"], self.path)
+        chosen = self.parse_opt(vals["auth_type"], as_auth_type)
+        cli_given = self.parse_opt(vals["cli_path"], self.path_or_name)
+        cli_path = self.which(cli_given or "databricks")
+        az_path = self.which("az")
+        method = self.auth_type(vals, chosen, cli_path is not None or cli_given is not None,
+                                az_path is not None)
+        authority = self.parse(self.envvar("AZURE_AUTHORITY_HOST"), as_identity_url,
+                               DEFAULT_AZURE_AUTHORITY)
+        identity_endpoint = self.parse_opt(self.envvar("IDENTITY_ENDPOINT"), as_identity_url)
+        identity_header = self.parse_opt(self.envvar("IDENTITY_HEADER", secret=True), as_secret)
+        imds = self.parse(self.envvar("AZURE_POD_IDENTITY_AUTHORITY_HOST"), as_identity_url,
+                          DEFAULT_IMDS_HOST)
+
+        default_user: Raw | None = None
+        if method == "oauth-m2m" or (method == "pat" and text["client_id"] is not None):
+            default_user = vals["client_id"]
+        if host is None or method is None:
+            return None, default_user
+        return DatabricksConfig(
+            host, text["client_id"], text["client_secret"], text["token"],
+            auth_type=method, profile=profile_name,
+            cli_path=cli_path or cli_given or "databricks", az_path=az_path or "az",
+            oidc_token=text["oidc_token"], oidc_token_file=oidc_file,
+            azure_client_id=text["azure_client_id"],
+            azure_client_secret=text["azure_client_secret"],
+            azure_tenant_id=text["azure_tenant_id"], azure_authority=authority,
+            identity_endpoint=identity_endpoint, identity_header=identity_header,
+            imds_host=imds,
+        ), default_user
+
+    def auth_type(
+        self, vals: Mapping[str, Raw | None], chosen: AuthType | None, have_cli: bool,
+        have_az: bool,
+    ) -> AuthType | None:
+        """The sign-in method: ``chosen`` (DATABRICKS_AUTH_TYPE), else the one configured.
+
+        Order when unset (SPEC "Workspace sign-in"): pat, oauth-m2m, env-oidc,
+        file-oidc, azure-client-secret, then databricks-cli when only a host or a CLI
+        profile is configured (and the CLI is installed), then azure-cli; azure-msi
+        only when asked for. Two configured at once is a problem.
+        """
         id_raw, secret_raw, token_raw = vals["client_id"], vals["client_secret"], vals["token"]
-        # With no auth at all, "PGUSER required" would only repeat the auth problem.
-        self.any_auth = any(v is not None for v in (id_raw, secret_raw, token_raw))
-        if secret_raw is not None and token_raw is not None:
+        az = [vals[k] for k in ("azure_client_id", "azure_client_secret", "azure_tenant_id")]
+        configured: list[tuple[AuthType, Raw]] = []
+        if token_raw is not None:
+            configured.append(("pat", token_raw))
+        if secret_raw is not None:
+            configured.append(("oauth-m2m", secret_raw))
+        oidc: tuple[tuple[AuthType, str], ...] = (
+            ("env-oidc", "oidc_token"), ("file-oidc", "oidc_token_file"))
+        for kind, key in oidc:
+            raw = vals[key]
+            if raw is not None:
+                configured.append((kind, raw))
+        if az[1] is not None:
+            configured.append(("azure-client-secret", az[1]))
+
+        auth_raw = vals["auth_type"]
+        hint = "set DATABRICKS_AUTH_TYPE to the one to use"
+        if chosen is None and auth_raw is not None:
+            return None  # a bad DATABRICKS_AUTH_TYPE was reported already
+        if chosen is None and len(configured) > 1:
+            (m1, r1), (m2, r2) = configured[:2]
+            if {m1, m2} == {"pat", "oauth-m2m"}:
+                self.problems.append(
+                    f"{r1.origin} and {r2.origin}: both a token and a client secret are set; "
+                    "use one auth method"
+                )
+            else:
+                self.problems.append(
+                    f"{r1.origin} and {r2.origin}: two sign-in methods are configured "
+                    f"({m1} and {m2}); {hint}"
+                )
+            return None
+        method: AuthType | None = chosen
+        if method is None and configured:
+            method = configured[0][0]
+        if method is None:
+            if id_raw is not None:
+                self.missing_auth(
+                    f"{id_raw.origin}: needs DATABRICKS_CLIENT_SECRET as well (OAuth M2M), "
+                    "or set DATABRICKS_TOKEN"
+                )
+                return None
+            if any(r is not None for r in az):
+                method = "azure-client-secret"  # reported as incomplete below
+            elif have_cli and vals["host"] is not None:
+                return "databricks-cli"
+            elif have_az and vals["host"] is not None:
+                return "azure-cli"
+            else:
+                self.missing_auth(
+                    "DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET, or DATABRICKS_TOKEN: one "
+                    "auth method is required (in the environment, [databricks], or a "
+                    "~/.databrickscfg profile), or sign in with the Databricks CLI "
+                    "(databricks auth login) and set DATABRICKS_AUTH_TYPE=databricks-cli"
+                )
+                return None
+        origin = auth_raw.origin if auth_raw is not None else "sign-in"
+        need: list[str] = []
+        if method == "pat" and token_raw is None:
+            need = ["DATABRICKS_TOKEN"]
+        elif method == "oauth-m2m":
+            if secret_raw is not None and id_raw is None:
+                self.problems.append(
+                    f"{secret_raw.origin}: needs DATABRICKS_CLIENT_ID (the service principal's "
+                    "client id) as well"
+                )
+                return None
+            need = [n for n, r in (("DATABRICKS_CLIENT_ID", id_raw),
+                                   ("DATABRICKS_CLIENT_SECRET", secret_raw)) if r is None]
+        elif method == "env-oidc" and vals["oidc_token"] is None:
+            need = ["DATABRICKS_OIDC_TOKEN"]
+        elif method == "file-oidc" and vals["oidc_token_file"] is None:
+            need = ["DATABRICKS_OIDC_TOKEN_FILE"]
+        elif method == "azure-client-secret":
+            need = [n for n, r in zip(("ARM_CLIENT_ID", "ARM_CLIENT_SECRET", "ARM_TENANT_ID"),
+                                      az, strict=True) if r is None]
+        if need:
             self.problems.append(
-                f"{token_raw.origin} and {secret_raw.origin}: both a token and a client secret "
-                "are set; use one auth method"
+                f"{origin}: {method} needs {' and '.join(need)} (in the environment, "
+                "[databricks], or a ~/.databrickscfg profile)"
             )
-        elif secret_raw is not None and id_raw is None:
-            self.problems.append(
-                f"{secret_raw.origin}: needs DATABRICKS_CLIENT_ID (the service principal's "
-                "client id) as well"
-            )
-        elif id_raw is not None and secret_raw is None and token_raw is None:
-            self.missing(
-                f"{id_raw.origin}: needs DATABRICKS_CLIENT_SECRET as well (OAuth M2M), "
-                "or set DATABRICKS_TOKEN"
-            )
-        elif id_raw is None and secret_raw is None and token_raw is None:
-            self.missing(
-                "DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET, or DATABRICKS_TOKEN: one auth "
-                "method is required (in the environment, [databricks], or a ~/.databrickscfg "
-                "profile)"
-            )
-        if host is None:
-            return None, id_raw
-        return DatabricksConfig(host, client_id, secret, token), id_raw
+            return None
+        return method
+
+    def path_or_name(self, raw: Raw) -> str:
+        """A command: a bare name (looked up on PATH) or a path."""
+        text = as_text(raw)
+        return text if "/" not in text and not text.startswith("~") else self.path(raw)
+
+    def which(self, command: str) -> str | None:
+        """``command``'s absolute path on the given environment's PATH, or None."""
+        if "/" in command:
+            return command if os.access(command, os.X_OK) and Path(command).is_file() else None
+        search = self.env.get("PATH")
+        if not search:
+            return None
+        return shutil.which(command, path=search)
 
     def profile_values(
         self, table: Mapping[str, object], vals: Mapping[str, Raw | None]
+    ) -> tuple[str | None, dict[str, Raw]]:
+        """The profile named explicitly (for ``databricks auth token --profile``), and
+        the values from the ~/.databrickscfg profile, as the Databricks SDKs read it."""
+        values = self._profile_values(table, vals)
+        named = self.pick(
+            self.envvar("DATABRICKS_CONFIG_PROFILE"), self.fileval(table, "[databricks]", "profile")
+        )
+        name = named.value if named is not None and isinstance(named.value, str) else None
+        renamed = {_PROFILE_RENAME.get(key, key): raw for key, raw in values.items()}
+        return (name.strip() or None) if name else None, renamed
+
+    def _profile_values(
+        self, table: Mapping[str, object], vals: Mapping[str, Raw | None]
     ) -> dict[str, Raw]:
-        """Values from the ~/.databrickscfg profile, as the Databricks SDKs read it."""
         where = "[databricks]"
         profile_raw = self.pick(
             self.envvar("DATABRICKS_CONFIG_PROFILE"), self.fileval(table, where, "profile")
@@ -460,7 +674,7 @@ class _Loader:
             self.envvar("DATABRICKS_CONFIG_FILE"), self.fileval(table, where, "config_file")
         )
         explicit = profile_raw is not None
-        direct_auth = any(vals[k] is not None for k in ("client_id", "client_secret", "token"))
+        direct_auth = any(vals[k] is not None for k in _DIRECT_AUTH_KEYS)
         if not explicit and direct_auth:
             # No profile named and credentials set directly: the file is not read (as the
             # SDKs do). Unlike the SDKs, a host set alone does not skip it (SPEC: "DEFAULT
@@ -507,6 +721,7 @@ class _Loader:
                 value,
                 f"{key} in profile [{name}] ({path})",
                 shown=None if key in _SECRET_KEYS else show(value),
+                source=f"{key} in profile [{name}] of {path}",
             )
             for key, value in values.items()
         }
@@ -517,11 +732,11 @@ class _Loader:
         where = "[proxy]"
 
         def src(key: str, env: str, *, flag: bool = False, secret: bool = False) -> Raw | None:
-            return self.pick(
+            return self.note(env, self.pick(
                 self.flag(key) if flag else None,
                 self.envvar(env, secret=secret),
                 self.fileval(table, where, key),
-            )
+            ))
 
         admin_raw = src("admin_listen", "LAKEPROXY_ADMIN_LISTEN", flag=True)
         admin = self.parse_opt(admin_raw, as_admin_listen)
@@ -652,14 +867,22 @@ class _Loader:
         def env(name: str) -> Raw | None:
             return self.envvar(name) if use_env else None
 
-        def src(key: str, envname: str) -> Raw | None:
-            return self.pick(env(envname), self.fileval(table, where, key))
+        def src(key: str) -> Raw | None:
+            own, libpq = ENDPOINT_ENV[key]
+            raw = self.pick(env(own), self.fileval(table, where, key), env(libpq))
+            if raw is not None:
+                sources[own] = raw.source
+            return raw
 
+        sources: dict[str, str] = {}
         # Identity: the environment's pair replaces the file's as a whole.
         name_raw, inst_raw = env("ENDPOINT_NAME"), env("LAKEBASE_INSTANCE")
         if name_raw is None and inst_raw is None:
             name_raw = self.fileval(table, where, "name")
             inst_raw = self.fileval(table, where, "instance")
+        for var, raw in (("ENDPOINT_NAME", name_raw), ("LAKEBASE_INSTANCE", inst_raw)):
+            if raw is not None:
+                sources[var] = raw.source
         name = self.parse_opt(name_raw, as_endpoint_name)
         instance = self.parse_opt(inst_raw, as_text)
         if name_raw is not None and inst_raw is not None:
@@ -676,32 +899,56 @@ class _Loader:
                     "projects/<p>/branches/<b>/endpoints/<e> for autoscaling)"
                 )
 
-        host = self.parse_opt(src("host", "PGHOST"), as_pg_host)
-        kind_raw = src("host_kind", "LAKEBASE_HOST_KIND")
+        host = self.parse_opt(src("host"), as_pg_host)
+        kind_raw = self.pick(env("LAKEBASE_HOST_KIND"), self.fileval(table, where, "host_kind"))
         host_kind = self.parse_opt(kind_raw, as_host_kind)
         if kind_raw is not None and host_kind is not None and inst_raw is not None and (
                 host_kind not in PROVISIONED_KINDS):
             self.bad(kind_raw, "a provisioned instance has no pooled hosts (Lakebase pools "
                      "only autoscaling endpoints); use read_write or read_only")
-        hostaddr = self.parse_opt(src("hostaddr", "PGHOSTADDR"), as_ip_address)
-        port = self.parse(src("port", "PGPORT"), as_pg_port, DEFAULT_PGPORT)
-        database = self.parse(src("database", "PGDATABASE"), as_text, DEFAULT_DATABASE)
-        user_raw = self.pick(src("user", "PGUSER"), default_user)
+        hostaddr = self.parse_opt(src("hostaddr"), as_ip_address)
+        port = self.parse(src("port"), as_pg_port, DEFAULT_PGPORT)
+        database = self.parse(src("database"), as_text, DEFAULT_DATABASE)
+        user_raw = self.pick(src("user"), default_user)
+        if user_raw is not None:
+            sources["LAKEBASE_USER"] = user_raw.source
         user = self.parse_opt(user_raw, as_text)
-        if user_raw is None and self.any_auth:
-            self.missing(
-                (f"{where} user ({self.file_label})" if not use_env else "PGUSER")
-                + ": required when DATABRICKS_CLIENT_ID is unset (the Postgres role to log in as)"
-            )
-        sslmode = self.parse(src("sslmode", "PGSSLMODE"), as_sslmode, DEFAULT_SSLMODE)
-        rootcert = self.parse(src("sslrootcert", "PGSSLROOTCERT"), self.sslrootcert, "system")
-        if user is None:
+        # No role configured: the signed-in identity's (SCIM Me), asked at run time.
+        sslmode = self.parse(self.sslmode_raw(table, where, use_env, sources), as_sslmode,
+                             DEFAULT_SSLMODE)
+        rootcert = self.parse(src("sslrootcert"), self.sslrootcert, "system")
+        if user_raw is not None and user is None:
             return None
         return EndpointConfig(
             name=name, instance=instance, host=host, host_kind=host_kind, hostaddr=hostaddr,
             port=port,
             database=database, user=user, sslmode=sslmode, sslrootcert=rootcert, listen=listen,
+            sources=tuple(sources.items()),
         )
+
+    def sslmode_raw(
+        self, table: Mapping[str, object], where: str, use_env: bool, sources: dict[str, str]
+    ) -> Raw | None:
+        """The sslmode's source. A PGSSLMODE that only a client can use (``disable``,
+        ``allow``, ``prefer``: psql's settings in the same shell) is ignored with one
+        warning; the same value as LAKEBASE_SSLMODE or in the file is an error."""
+        own = self.envvar("LAKEBASE_SSLMODE") if use_env else None
+        raw = self.pick(own, self.fileval(table, where, "sslmode"))
+        if raw is None and use_env:
+            fallback = self.envvar("PGSSLMODE")
+            value = fallback.value if fallback is not None else None
+            if isinstance(value, str) and value.strip().lower() in _CLIENT_ONLY_SSLMODES:
+                self.warnings.append(
+                    f"{fallback.origin if fallback else 'PGSSLMODE'}: ignored, "
+                    f"{value.strip().lower()} is a client setting (lakeproxy always uses TLS "
+                    f"to the endpoint); using sslmode={DEFAULT_SSLMODE}. Set LAKEBASE_SSLMODE "
+                    "to choose require, verify-ca or verify-full"
+                )
+            else:
+                raw = fallback
+        if raw is not None:
+            sources["LAKEBASE_SSLMODE"] = raw.source
+        return raw
 
 
 @dataclass(frozen=True, slots=True)

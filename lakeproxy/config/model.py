@@ -7,6 +7,7 @@ builds these from the sources.
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
@@ -73,7 +74,8 @@ class EndpointConfig:
     and ``instance`` (provisioned) is set. ``host`` None means: look it up with the
     Databricks API, picking the host of ``host_kind`` (None: not configured,
     which means ``read_write``; with ``host`` set it is ignored). ``hostaddr``
-    is dialled instead of resolving ``host``.
+    is dialled instead of resolving ``host``. ``user`` None means: log in as
+    the signed-in identity.
     """
 
     name: str | None = None
@@ -83,10 +85,14 @@ class EndpointConfig:
     hostaddr: str | None = None
     port: int = DEFAULT_PGPORT
     database: str = DEFAULT_DATABASE
-    user: str
+    #: the Postgres role; None: the signed-in identity (SCIM ``Me``), asked once
+    user: str | None = None
     sslmode: SslMode = DEFAULT_SSLMODE
     sslrootcert: str = DEFAULT_SSLROOTCERT
     listen: tuple[Listener, ...] = (Listener("tcp", "127.0.0.1", 6432),)
+    #: ``(variable, source)`` for the values that were set: where a hint naming the
+    #: variable should point instead (see :func:`name_sources`).
+    sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     @property
     def kind(self) -> HostKind:
@@ -99,23 +105,57 @@ class EndpointConfig:
         return self.name or self.instance or "?"
 
 
+#: The workspace sign-in methods, named as the Databricks CLI and SDKs name them
+#: (``DATABRICKS_AUTH_TYPE``); see SPEC.md "Workspace sign-in".
+AuthType = Literal[
+    "pat", "oauth-m2m", "env-oidc", "file-oidc", "azure-client-secret", "databricks-cli",
+    "azure-cli", "azure-msi",
+]
+AUTH_TYPES: Final[tuple[AuthType, ...]] = (
+    "pat", "oauth-m2m", "env-oidc", "file-oidc", "azure-client-secret", "databricks-cli",
+    "azure-cli", "azure-msi",
+)
+DEFAULT_AZURE_AUTHORITY: Final = "https://login.microsoftonline.com"
+#: The instance metadata service; ``AZURE_POD_IDENTITY_AUTHORITY_HOST`` replaces
+#: its scheme and host, as the Azure SDKs do.
+DEFAULT_IMDS_HOST: Final = "http://169.254.169.254"
+
+
 @dataclass(frozen=True, slots=True)
 class DatabricksConfig:
     """The workspace identity shared by every endpoint.
 
-    Exactly one auth method is usable: ``client_id`` + ``client_secret`` (OAuth
-    M2M), or ``token`` (then ``client_id``, if set, only provides the default role).
+    ``auth_type`` is the sign-in method in use (chosen by ``DATABRICKS_AUTH_TYPE``
+    or by what is configured); the other fields are what that method needs.
+    With ``pat``, ``client_id`` (if set) only provides the default role.
     """
 
     host: str
     client_id: str | None = None
     client_secret: str | None = field(default=None, repr=False)
     token: str | None = field(default=None, repr=False)
+    auth_type: AuthType = "oauth-m2m"
+    #: the ~/.databrickscfg profile the values came from (``databricks auth token --profile``)
+    profile: str | None = None
+    #: the Databricks CLI: an absolute path when found on PATH, else the name as given
+    cli_path: str = "databricks"
+    #: the Azure CLI, resolved the same way
+    az_path: str = "az"
+    oidc_token: str | None = field(default=None, repr=False)
+    oidc_token_file: str | None = None
+    azure_client_id: str | None = None
+    azure_client_secret: str | None = field(default=None, repr=False)
+    azure_tenant_id: str | None = None
+    azure_authority: str = DEFAULT_AZURE_AUTHORITY
+    #: App Service style managed identity endpoint (``IDENTITY_ENDPOINT``/``IDENTITY_HEADER``)
+    identity_endpoint: str | None = None
+    identity_header: str | None = field(default=None, repr=False)
+    imds_host: str = DEFAULT_IMDS_HOST
 
     @property
-    def auth_method(self) -> Literal["oauth-m2m", "token"]:
-        """``oauth-m2m`` when a client secret is set, else ``token``."""
-        return "oauth-m2m" if self.client_secret is not None else "token"
+    def auth_method(self) -> AuthType:
+        """The sign-in method (same as ``auth_type``)."""
+        return self.auth_type
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,6 +182,27 @@ class Config:
     #: The command-line flags this config was loaded with (``argv`` items, plus
     #: ``config`` when a file was given explicitly), for :func:`reload_config`.
     flags: tuple[tuple[str, str | bool], ...] = field(default=(), repr=False)
+    #: One line each, logged at start-up (e.g. a client-only PGSSLMODE that was ignored).
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+    #: ``(variable, source)`` for the workspace and proxy settings, as
+    #: :attr:`EndpointConfig.sources`.
+    sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
+
+
+def name_sources(hint: str | None, *sources: tuple[tuple[str, str], ...]) -> str | None:
+    """``hint`` with each variable it names replaced by where that value came from.
+
+    Hints are written with the variable names ("raise LAKEPROXY_MAX_CLIENTS"); a
+    value set as ``[proxy] max_clients`` in a file or in a ``~/.databrickscfg``
+    profile is named as such ("raise max_clients in [proxy] of /etc/lp.toml").
+    """
+    if not hint:
+        return hint
+    for pairs in sources:
+        for var, source in pairs:
+            if source and source != var:
+                hint = re.sub(rf"(?<![A-Z_]){re.escape(var)}(?![A-Z_])", source, hint)
+    return hint
 
 
 # --------------------------------------------------------------------------

@@ -13,7 +13,10 @@ from typing import Final
 
 DEFAULT_PROFILE: Final = "DEFAULT"
 #: The keys lakeproxy takes from a profile.
-PROFILE_KEYS: Final = ("host", "client_id", "client_secret", "token")
+PROFILE_KEYS: Final = (
+    "host", "client_id", "client_secret", "token", "auth_type", "azure_client_id",
+    "azure_client_secret", "azure_tenant_id", "databricks_cli_path", "oidc_token_filepath",
+)
 _SETTINGS: Final = "__settings__"
 
 

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Final, cast, get_args
 
 from lakeproxy.config.model import (
+    AUTH_TYPES,
     DEFAULT_UNIX_PORT,
     HOST_KINDS,
+    AuthType,
     ClientTls,
     HostKind,
     Listener,
@@ -151,6 +153,9 @@ class Raw:
     origin: str  # e.g. "PGPORT=x (environment)", "[proxy] max_clients (lakeproxy.toml)"
     shown: str | None = None  # the value, for file-sourced non-secrets
     base: Path | None = None  # directory relative paths are resolved against
+    #: Where it came from, as a hint names it: a variable ("LAKEBASE_HOST"), a file
+    #: key ("host in [[endpoints]] of /etc/lakeproxy.toml"), a profile key or a flag.
+    source: str = ""
 
 
 def show(value: object) -> str:
@@ -301,6 +306,8 @@ def as_admin_listen(raw: Raw) -> tuple[str, int] | None:
     text = as_text(raw)
     if text.lower() == "off":
         return None
+    if "://" in text:
+        raise Bad("must be HOST:PORT, the address to listen on (e.g. 127.0.0.1:9090), not a URL")
     try:
         return parse_host_port(text)
     except ValueError as exc:
@@ -346,3 +353,31 @@ def as_ip_address(raw: Raw) -> str:
         return str(ipaddress.ip_address(text))
     except ValueError:
         raise Bad("must be an IP address") from None
+
+
+# -- workspace sign-in -------------------------------------------------------
+
+
+def as_auth_type(raw: Raw) -> AuthType:
+    text = as_text(raw).lower()
+    if text not in AUTH_TYPES:
+        raise Bad(f"must be one of {', '.join(AUTH_TYPES)}{did_you_mean(text, AUTH_TYPES)}")
+    return text  # checked against AUTH_TYPES above
+
+
+def as_identity_url(raw: Raw) -> str:
+    """An identity provider's URL: ``https://``, or ``http://`` to a loopback address
+    (the rule ``DATABRICKS_HOST`` follows). Returned without a trailing slash."""
+    text = as_text(raw)
+    try:
+        url = urllib.parse.urlsplit(text)
+        url.port  # noqa: B018 -- raises ValueError on a bad port
+    except ValueError:
+        raise Bad("must be a URL") from None
+    if url.scheme not in ("https", "http") or not url.hostname:
+        raise Bad("must start with https://")
+    if url.username is not None or url.password is not None:
+        raise Bad("must not contain a user name or password")
+    if url.scheme == "http" and not is_loopback_host(url.hostname):
+        raise Bad("must use https:// (http:// is allowed only to a loopback address)")
+    return text.rstrip("/")

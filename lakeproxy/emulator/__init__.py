@@ -21,10 +21,12 @@ from typing import Final, Self
 from lakeproxy.emulator.api import FakeWorkspace
 from lakeproxy.emulator.certs import TlsFiles, make_certs
 from lakeproxy.emulator.frontdoor import FrontDoor, Route
+from lakeproxy.emulator.identity import AUDIENCE, ISSUER, SUBJECT, IdentityProviders
 from lakeproxy.emulator.pgcluster import PgCluster, PgClusterError
 
-__all__ = ["Emulator", "FakeWorkspace", "FrontDoor", "PgCluster", "PgClusterError", "Route",
-           "TlsFiles", "make_certs"]
+__all__ = ["AUDIENCE", "ISSUER", "SUBJECT", "Emulator", "FakeWorkspace", "FrontDoor",
+           "IdentityProviders", "PgCluster", "PgClusterError", "Route", "TlsFiles",
+           "make_certs"]
 
 ENDPOINT_NAME: Final = "projects/emulated/branches/main/endpoints/ep-emulated-123"
 ENDPOINT_HOST: Final = "ep-emulated-123.database.emulator.lakebase.local"
@@ -110,6 +112,12 @@ class Emulator:
             routes=routes, standby=self.ensure_standby,
         )
         self.workspace.compute_state = lambda: self.frontdoor.state
+        #: the other identities (a user, an Entra service principal, managed
+        #: identities) and the providers they sign in with
+        self.identity = IdentityProviders(self.workspace)
+        self.workspace.identity = self.identity
+        #: the fake ``databricks`` and ``az`` CLIs (written by :meth:`start`)
+        self.bin_dir = self.workdir / "bin"
         self.workspace.on_disabled = self._suspend_soon
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
@@ -146,6 +154,7 @@ class Emulator:
                 await asyncio.to_thread(self.pg.start)
             await asyncio.to_thread(self._provision)
             await self.workspace.start()
+            self.identity.write_fake_clis(self.bin_dir)
             await self.frontdoor.start()
             if self._want_standby:
                 await self.ensure_standby()
@@ -155,22 +164,29 @@ class Emulator:
         self._started = True
 
     def _provision(self) -> None:
-        """Create the LOGIN role and ``databricks_postgres`` (owned by it, or,
-        in a shared cluster where it exists already, with all rights on it)."""
-        role, lit = _ident(self.role), _literal(self.role)
-        self.pg.psql(f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {lit}) "
-                     f"THEN CREATE ROLE {role} LOGIN; END IF; END$$")
+        """Create the LOGIN roles (the service principal's and every other
+        identity's) and ``databricks_postgres`` (owned by the service principal,
+        or, in a shared cluster where it exists already, with all rights on it)."""
+        self.pg.psql("; ".join(
+            f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {_literal(name)}) "
+            f"THEN CREATE ROLE {_ident(name)} LOGIN; END IF; END$$"
+            for name in (self.role, *self.identity.principals)))
+        role = _ident(self.role)
         exists = self.pg.psql(
             f"SELECT 1 FROM pg_database WHERE datname = {_literal(DATABASE)}")  # noqa: S608
+        created = False
         if not exists.strip():
             try:
                 self.pg.psql(f"CREATE DATABASE {_ident(DATABASE)} OWNER {role}")
-                return
+                created = True
             except PgClusterError as exc:
                 if "already exists" not in str(exc):
                     raise
-        self.pg.psql(f"GRANT ALL ON DATABASE {_ident(DATABASE)} TO {role}")
-        self.pg.psql(f"GRANT ALL ON SCHEMA public TO {role}", database=DATABASE)
+        grantees = list(self.identity.principals) if created else [
+            self.role, *self.identity.principals]
+        names = ", ".join(_ident(name) for name in grantees)
+        self.pg.psql(f"GRANT ALL ON DATABASE {_ident(DATABASE)} TO {names}")
+        self.pg.psql(f"GRANT ALL ON SCHEMA public TO {names}", database=DATABASE)
 
     async def stop(self) -> None:
         """Stop everything this emulator started (idempotent)."""
@@ -198,13 +214,28 @@ class Emulator:
         await self.stop()
 
     def env(self) -> dict[str, str]:
-        """The environment a proxy (or any Databricks API client and libpq)
-        needs to reach this emulator. Contains the client secret."""
+        """The environment a proxy (or any Databricks API client) needs to reach
+        this emulator, with the proxy's own ``LAKEBASE_*`` names so that sourcing
+        it leaves a shell's ``PG*`` settings (meant for the proxy's clients)
+        alone. Contains the client secret."""
         return {
             "DATABRICKS_HOST": self.workspace.url,
             "DATABRICKS_CLIENT_ID": self.client_id,
             "DATABRICKS_CLIENT_SECRET": self.client_secret,
             "ENDPOINT_NAME": self.endpoint_name,
+            "LAKEBASE_HOST": self.host,
+            "LAKEBASE_HOSTADDR": "127.0.0.1",
+            "LAKEBASE_PORT": str(self.port),
+            "LAKEBASE_DATABASE": DATABASE,
+            "LAKEBASE_USER": self.role,
+            "LAKEBASE_SSLMODE": "verify-full",
+            "LAKEBASE_SSLROOTCERT": str(self.ca_file),
+        }
+
+    def libpq_env(self) -> dict[str, str]:
+        """The ``PG*`` variables that point libpq (psql, ...) straight at the
+        emulated endpoint, bypassing any proxy; add ``PGPASSWORD``."""
+        return {
             "PGHOST": self.host,
             "PGHOSTADDR": "127.0.0.1",
             "PGPORT": str(self.port),
@@ -213,3 +244,31 @@ class Emulator:
             "PGSSLMODE": "verify-full",
             "PGSSLROOTCERT": str(self.ca_file),
         }
+
+    def signin_env(self, method: str) -> dict[str, str]:
+        """:meth:`env` for signing in with ``method`` (a ``DATABRICKS_AUTH_TYPE``)
+        instead of the service principal's secret, with no role set (the proxy
+        logs in as the signed-in identity). The fake CLIs come first on PATH.
+        Contains secrets."""
+        env = {k: v for k, v in self.env().items()
+               if k not in ("DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET", "LAKEBASE_USER")}
+        ident = self.identity
+        env["DATABRICKS_AUTH_TYPE"] = method
+        env["PATH"] = f"{self.bin_dir}:/usr/bin:/bin"
+        if method == "oauth-m2m":
+            env.update(DATABRICKS_CLIENT_ID=self.client_id,
+                       DATABRICKS_CLIENT_SECRET=self.client_secret)
+        elif method == "env-oidc":
+            env.update(DATABRICKS_OIDC_TOKEN=ident.workload_jwt(),
+                       DATABRICKS_CLIENT_ID=self.client_id)
+        elif method == "file-oidc":
+            path = self.workdir / "oidc-token"
+            path.write_text(ident.workload_jwt())
+            env.update(DATABRICKS_OIDC_TOKEN_FILE=str(path), DATABRICKS_CLIENT_ID=self.client_id)
+        elif method == "azure-client-secret":
+            env.update(ARM_CLIENT_ID=ident.entra_client_id,
+                       ARM_CLIENT_SECRET=ident.entra_client_secret,
+                       ARM_TENANT_ID=ident.tenant_id, AZURE_AUTHORITY_HOST=self.workspace.url)
+        elif method == "azure-msi":
+            env.update(AZURE_POD_IDENTITY_AUTHORITY_HOST=self.workspace.url)
+        return env

@@ -24,6 +24,14 @@ Control from Python: :attr:`FakeWorkspace.disabled`,
 :attr:`FakeWorkspace.instance_state`, :attr:`FakeWorkspace.readable_secondaries`
 (when False the objects report no read-only hosts), :meth:`FakeWorkspace.start_instance`.
 
+* ``GET /api/2.0/preview/scim/v2/Me`` — the identity a Bearer belongs to
+  (``userName``: the e-mail of a user, the application id of a service principal).
+* with :attr:`FakeWorkspace.identity` set, the token-exchange grant on
+  ``/oidc/v1/token`` and the identity providers of :mod:`.identity`.
+
+Every workspace token belongs to a principal; a database credential logs in
+as the principal whose token asked for it.
+
 REST errors use Databricks' shape ``{"error_code": ..., "message": ...}``;
 unknown paths give 404 ``ENDPOINT_NOT_FOUND`` as the real gateway does.
 
@@ -48,10 +56,10 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Protocol
 
 from aiohttp import web
 
@@ -62,6 +70,8 @@ OIDC_PATH: Final = "/oidc/v1/token"
 POSTGRES_CREDENTIALS_PATH: Final = "/api/2.0/postgres/credentials"
 DATABASE_CREDENTIALS_PATH: Final = "/api/2.0/database/credentials"
 POSTGRES_PREFIX: Final = "/api/2.0/postgres/"
+SCIM_ME_PATH: Final = "/api/2.0/preview/scim/v2/Me"
+TOKEN_EXCHANGE_GRANT: Final = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105
 INSTANCES_PREFIX: Final = "/api/2.0/database/instances/"
 
 #: DatabaseInstance states (Databricks SDK ``DatabaseInstance_State``, plus
@@ -102,6 +112,18 @@ _ERROR_CODES: Final[dict[int, str]] = {
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+class IdentityProviders(Protocol):
+    """What the workspace needs of :class:`lakeproxy.emulator.identity.IdentityProviders`."""
+
+    def token_exchange(self, form: Mapping[str, object]) -> web.Response:
+        """Answer the token-exchange grant of ``/oidc/v1/token``."""
+        ...
+
+    def add_routes(self, app: web.Application) -> None:
+        """Serve the identity providers' routes."""
+        ...
+
+
 def rfc3339(ts: float) -> str:
     """``ts`` (Unix seconds) as RFC 3339 UTC with a 'Z', milliseconds only when
     non-zero (as protobuf's JSON Timestamp prints them)."""
@@ -126,11 +148,11 @@ def _fake_jwt(subject: str, lifetime: float, **claims: object) -> str:
                      _b64url(secrets.token_bytes(256))))
 
 
-def _prune(expiries: dict[str, float]) -> None:
+def _prune(expiries: dict[str, tuple[float, str]]) -> None:
     """Forget expired tokens once the table grows (a long demo or soak run)."""
     if len(expiries) >= 256:
         now = time.time()
-        for token in [t for t, exp in expiries.items() if exp <= now]:
+        for token in [t for t, (exp, _) in expiries.items() if exp <= now]:
             del expiries[token]
 
 
@@ -210,8 +232,14 @@ class FakeWorkspace:
         self.requests: collections.deque[RecordedRequest] = collections.deque(maxlen=1000)
         self._faults: dict[str, collections.deque[Fault]] = collections.defaultdict(
             collections.deque)
-        self._oauth_tokens: dict[str, float] = {}
-        self._credentials: dict[str, float] = {}
+        #: token -> (expiry, principal): workspace Bearer tokens (OAuth, token
+        #: exchange, and Entra ID tokens the emulated Entra/managed identity/az issue)
+        self._oauth_tokens: dict[str, tuple[float, str]] = {}
+        #: database credential -> (expiry, the role it logs in as)
+        self._credentials: dict[str, tuple[float, str]] = {}
+        #: the identity providers (token exchange, Entra, managed identity, CLIs);
+        #: set by the Emulator, which knows the principals
+        self.identity: IdentityProviders | None = None
         self._runner: web.AppRunner | None = None
         self.host = "127.0.0.1"
         self.port = 0
@@ -281,20 +309,33 @@ class FakeWorkspace:
         """Drop every queued fault."""
         self._faults.clear()
 
-    def issue_credential(self, lifetime: float | None = None) -> tuple[str, float]:
-        """Mint a database credential directly (no HTTP); returns (token, expiry)."""
+    def issue_credential(
+        self, lifetime: float | None = None, *, principal: str | None = None
+    ) -> tuple[str, float]:
+        """Mint a database credential directly (no HTTP); returns (token, expiry).
+        ``principal`` is the role it logs in as (default: the service principal's)."""
         life = self.credential_lifetime if lifetime is None else lifetime
-        token = _fake_jwt(self.role, life, aud="lakebase")
+        who = self.role if principal is None else principal
+        token = _fake_jwt(who, life, aud="lakebase")
         expiry = time.time() + life
         _prune(self._credentials)
-        self._credentials[token] = expiry
+        self._credentials[token] = (expiry, who)
+        return token, expiry
+
+    def issue_oauth_token(self, principal: str, lifetime: float | None = None) -> tuple[str, float]:
+        """Mint a workspace Bearer token for ``principal``; returns (token, expiry)."""
+        life = self.oauth_lifetime if lifetime is None else lifetime
+        token = _fake_jwt(principal, life)
+        expiry = time.time() + life
+        _prune(self._oauth_tokens)
+        self._oauth_tokens[token] = (expiry, principal)
         return token, expiry
 
     def is_valid_credential(self, role: str, token: str) -> bool:
         """True when ``token`` is an issued, unexpired, unrevoked database
-        credential and ``role`` is the principal's role."""
-        expiry = self._credentials.get(token)
-        return role == self.role and expiry is not None and time.time() < expiry
+        credential for ``role`` (the identity that asked for it)."""
+        entry = self._credentials.get(token)
+        return entry is not None and role == entry[1] and time.time() < entry[0]
 
     def revoke_credentials(self) -> None:
         """Invalidate every database credential issued so far."""
@@ -313,6 +354,9 @@ class FakeWorkspace:
         app.router.add_post(POSTGRES_CREDENTIALS_PATH, self._postgres_credentials)
         app.router.add_post(DATABASE_CREDENTIALS_PATH, self._database_credentials)
         app.router.add_get(POSTGRES_PREFIX + "{name:.+}", self._get_postgres_resource)
+        app.router.add_get(SCIM_ME_PATH, self._scim_me)
+        if self.identity is not None:
+            self.identity.add_routes(app)
         app.router.add_patch(POSTGRES_PREFIX + "{name:.+}", self._patch_postgres_resource)
         app.router.add_get(INSTANCES_PREFIX + "{name}", self._get_instance)
         app.router.add_patch(INSTANCES_PREFIX + "{name}", self._patch_instance)
@@ -386,8 +430,8 @@ class FakeWorkspace:
             payload = {"error_code": code, "message": f"injected fault (HTTP {fault.status})"}
         return web.json_response(payload, status=fault.status, headers=headers)
 
-    def _bearer_error(self, request: web.Request) -> web.Response | None:
-        """None when the request carries a valid Bearer (OAuth token or PAT)."""
+    def _bearer(self, request: web.Request) -> str | web.Response:
+        """The principal a valid Bearer (OAuth token or PAT) belongs to, else the 401."""
         auth = request.headers.get("Authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -396,13 +440,13 @@ class FakeWorkspace:
                                "this API.")
         token = token.strip()
         if self._pat is not None and secrets.compare_digest(token, self._pat):
-            return None
-        expiry = self._oauth_tokens.get(token)
-        if expiry is None:
+            return self.role
+        entry = self._oauth_tokens.get(token)
+        if entry is None:
             return self._error(401, "UNAUTHENTICATED", "Invalid access token.")
-        if time.time() >= expiry:
+        if time.time() >= entry[0]:
             return self._error(401, "UNAUTHENTICATED", "Token expired.")
-        return None
+        return entry[1]
 
     async def _json_body(self, request: web.Request) -> dict[str, object] | web.Response:
         raw = await request.read()
@@ -424,6 +468,11 @@ class FakeWorkspace:
 
     async def _oidc_token(self, request: web.Request) -> web.Response:
         form = await request.post()
+        if form.get("grant_type") == TOKEN_EXCHANGE_GRANT:
+            if self.identity is None:
+                return self._oauth_error(400, "unsupported_grant_type",
+                                         "Token exchange is not configured")
+            return self.identity.token_exchange(form)
         client_id = client_secret = None
         scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "basic" and encoded:
@@ -448,15 +497,24 @@ class FakeWorkspace:
             return self._oauth_error(400, "invalid_scope",
                                      "Requested scope is invalid (use scope=all-apis)")
         life = self.oauth_lifetime
-        token = _fake_jwt(self.client_id, life)
-        _prune(self._oauth_tokens)
-        self._oauth_tokens[token] = time.time() + life
+        token, _ = self.issue_oauth_token(self.client_id, life)
         return web.json_response({"access_token": token, "scope": "all-apis",
                                   "token_type": "Bearer", "expires_in": _json_number(life)})
 
+    async def _scim_me(self, request: web.Request) -> web.Response:
+        principal = self._bearer(request)
+        if isinstance(principal, web.Response):
+            return principal
+        ident = str(uuid.uuid5(uuid.NAMESPACE_URL, principal).int % 10**16)
+        return web.json_response({
+            "schemas": ["urn:ietf:params:scim:schemas:core:2.0:User"],
+            "id": ident, "userName": principal, "displayName": principal, "active": True,
+        })
+
     async def _postgres_credentials(self, request: web.Request) -> web.Response:
-        if (err := self._bearer_error(request)) is not None:
-            return err
+        principal = self._bearer(request)
+        if isinstance(principal, web.Response):
+            return principal
         data = await self._json_body(request)
         if isinstance(data, web.Response):
             return data
@@ -468,12 +526,13 @@ class FakeWorkspace:
         if endpoint != self.endpoint_name:
             return self._error(404, "RESOURCE_DOES_NOT_EXIST",
                                f"Endpoint '{endpoint}' does not exist.")
-        token, expiry = self.issue_credential()
+        token, expiry = self.issue_credential(principal=principal)
         return web.json_response({"token": token, "expire_time": rfc3339(expiry)})
 
     async def _database_credentials(self, request: web.Request) -> web.Response:
-        if (err := self._bearer_error(request)) is not None:
-            return err
+        principal = self._bearer(request)
+        if isinstance(principal, web.Response):
+            return principal
         data = await self._json_body(request)
         if isinstance(data, web.Response):
             return data
@@ -495,11 +554,11 @@ class FakeWorkspace:
             if name != self.instance_name:
                 return self._error(404, "RESOURCE_DOES_NOT_EXIST",
                                    f"Database instance '{name}' does not exist.")
-        token, expiry = self.issue_credential()
+        token, expiry = self.issue_credential(principal=principal)
         return web.json_response({"token": token, "expiration_time": rfc3339(expiry)})
 
     async def _get_postgres_resource(self, request: web.Request) -> web.Response:
-        if (err := self._bearer_error(request)) is not None:
+        if isinstance(err := self._bearer(request), web.Response):
             return err
         name = request.match_info["name"]
         if name != self.endpoint_name:
@@ -546,7 +605,7 @@ class FakeWorkspace:
         return {k: v for k, v in hosts.items() if k not in read_only}
 
     async def _patch_postgres_resource(self, request: web.Request) -> web.Response:
-        if (err := self._bearer_error(request)) is not None:
+        if isinstance(err := self._bearer(request), web.Response):
             return err
         name = request.match_info["name"]
         if name != self.endpoint_name:
@@ -589,7 +648,7 @@ class FakeWorkspace:
         }
 
     async def _get_instance(self, request: web.Request) -> web.Response:
-        if (err := self._bearer_error(request)) is not None:
+        if isinstance(err := self._bearer(request), web.Response):
             return err
         name = request.match_info["name"]
         if name != self.instance_name:
@@ -598,7 +657,7 @@ class FakeWorkspace:
         return web.json_response(self.instance_object())
 
     async def _patch_instance(self, request: web.Request) -> web.Response:
-        if (err := self._bearer_error(request)) is not None:
+        if isinstance(err := self._bearer(request), web.Response):
             return err
         name = request.match_info["name"]
         if name != self.instance_name:

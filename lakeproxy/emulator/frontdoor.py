@@ -386,6 +386,9 @@ class FrontDoor:
             raise _Reject(S.PROTOCOL_VIOLATION, MSG_INSECURE)
         startup, route = self._route(packet, sni)
         user = startup.params.get("user", "")
+        if not user:  # as PostgreSQL's ProcessStartupPacket
+            raise _Reject(S.INVALID_AUTHORIZATION_SPECIFICATION,
+                          "no PostgreSQL user name specified in startup packet")
         await self._authenticate(reader, writer, frames, user)
         if route.resource == "endpoint":
             if self.workspace.disabled:

@@ -29,7 +29,7 @@ _MIN_ATTEMPT: Final = 0.01
 
 _DEADLINE_HINT: Final = (
     "the endpoint may still be waking from scale-to-zero, or be unreachable from here: "
-    "check PGHOST/PGPORT and the network, or raise LAKEPROXY_CONNECT_DEADLINE"
+    "check LAKEBASE_HOST/LAKEBASE_PORT and the network, or raise LAKEPROXY_CONNECT_DEADLINE"
 )
 
 
@@ -91,8 +91,8 @@ async def connect_with_retry(
                     raise UpstreamConnectError(
                         f"endpoint rejected the fresh credential twice: {describe(exc)}",
                         retryable=False, sqlstate=sqlstate.INVALID_PASSWORD,
-                        hint="check that the role (PGUSER) exists on the endpoint and that the "
-                             "service principal may log in as it",
+                        hint="check that the role (LAKEBASE_USER) exists on the endpoint and "
+                             "that the service principal may log in as it",
                     ) from exc
                 log.info("endpoint %s refused the credential (%s); retrying once with a "
                          "fresh one", endpoint, exc.sqlstate)
@@ -115,7 +115,7 @@ async def connect_with_retry(
             if not is_retryable(exc):
                 raise UpstreamConnectError(
                     f"cannot connect to endpoint {endpoint}: {describe(exc)}",
-                    retryable=False, hint="check PGHOST/PGPORT/PGHOSTADDR",
+                    retryable=False, hint="check LAKEBASE_HOST/LAKEBASE_PORT/LAKEBASE_HOSTADDR",
                 ) from exc
             last = exc
         if before_retry is not None and last is not None:

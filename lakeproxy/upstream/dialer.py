@@ -21,15 +21,17 @@ import asyncio
 import logging
 import math
 import ssl
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Final
 
 from lakeproxy.auth.cache import CachedCredentials
 from lakeproxy.auth.databricks import DatabricksApi
 from lakeproxy.auth.provider import Credential
+from lakeproxy.auth.signin import make_signin
 from lakeproxy.auth.status import TargetStatus
-from lakeproxy.config import Config, DatabricksConfig, EndpointConfig
-from lakeproxy.errors import CredentialError, UpstreamConnectError
+from lakeproxy.config import Config, DatabricksConfig, EndpointConfig, name_sources
+from lakeproxy.errors import CredentialError, LakeproxyError, UpstreamConnectError
 from lakeproxy.metrics import Metrics
 from lakeproxy.upstream.cancel import send_cancel
 from lakeproxy.upstream.dial import connect_with_retry
@@ -52,13 +54,11 @@ _REREAD_TIMEOUT: Final = 3.0
 
 
 def make_api(databricks: DatabricksConfig, endpoint: EndpointConfig) -> DatabricksApi:
-    """The credential API client for one endpoint (raises ConfigError)."""
-    oauth = databricks.auth_method == "oauth-m2m"
+    """The credential API client for one endpoint, signing in with the configured
+    method (raises ConfigError)."""
     return DatabricksApi(
         host=databricks.host,
-        client_id=databricks.client_id if oauth else None,
-        client_secret=databricks.client_secret if oauth else None,
-        token=None if oauth else databricks.token,
+        signin=make_signin(databricks),
         endpoint_name=endpoint.name,
         instance_name=endpoint.instance,
     )
@@ -73,8 +73,11 @@ class EndpointDialer:
         credentials: CachedCredentials,
         *,
         metrics: Metrics | None = None,
+        sources: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.config = config
+        #: Where the workspace settings came from (``Config.sources``), for hints.
+        self.sources = sources
         self.credentials = credentials
         self.metrics = metrics
         self._groups: TlsGroups = "p256"
@@ -101,7 +104,25 @@ class EndpointDialer:
         kind = self.config.kind
         where = self._host or ("(host looked up)" if kind == "read_write"
                                else f"({kind} host looked up)")
-        return f"{self.config.label} at {where}:{self.config.port} as {self.config.user}"
+        role = self.config.user or "the signed-in identity"
+        return f"{self.config.label} at {where}:{self.config.port} as {role}"
+
+    async def role(self, *, deadline: float) -> str:
+        """The Postgres role: the configured one, else the signed-in identity's name
+        (SCIM ``Me``, asked once). Raises CredentialError."""
+        if self.config.user is not None:
+            return self.config.user
+        return await self.credentials.identity(deadline=deadline)
+
+    @contextmanager
+    def hints_named(self) -> Iterator[None]:
+        """Errors raised inside get hints naming where each value came from (the
+        file and key, the profile or the variable), not always the variable."""
+        try:
+            yield
+        except LakeproxyError as exc:
+            exc.hint = name_sources(exc.hint, self.config.sources, self.sources)
+            raise
 
     @property
     def status(self) -> TargetStatus | None:
@@ -204,6 +225,12 @@ class EndpointDialer:
             self._host = host
 
     async def connect(self, params: Mapping[str, str], *, deadline: float) -> UpstreamConnection:
+        with self.hints_named():
+            return await self._connect(params, deadline=deadline)
+
+    async def _connect(self, params: Mapping[str, str], *, deadline: float) -> UpstreamConnection:
+        if "user" not in params:  # no role configured: the signed-in identity's
+            params = {**params, "user": await self.role(deadline=deadline)}
         target = await self.target(deadline=deadline)
         cred = await self.credentials.get(deadline=deadline)
         used: list[Credential] = [cred]
@@ -272,4 +299,4 @@ def build_dialer(
         make_api(config.databricks, endpoint), on_request=on_request,
         on_credential=on_credential, on_remint_limited=on_remint_limited,
     )
-    return EndpointDialer(endpoint, creds, metrics=metrics)
+    return EndpointDialer(endpoint, creds, metrics=metrics, sources=config.sources)

@@ -47,8 +47,9 @@ log = logging.getLogger("lakeproxy.upstream")
 _T = TypeVar("_T")
 
 _TLS_HINT: Final = (
-    "check PGSSLROOTCERT (the CA that signed the endpoint's certificate) and that PGHOST is "
-    "the name in the certificate; PGSSLMODE=verify-ca skips the host name check"
+    "check LAKEBASE_SSLROOTCERT (the CA that signed the endpoint's certificate) and that "
+    "LAKEBASE_HOST is the name in the certificate; sslmode verify-ca (LAKEBASE_SSLMODE) skips "
+    "the host name check"
 )
 
 
@@ -264,8 +265,8 @@ def check_ssl_answer(target: UpstreamTarget, data: bytes) -> None:
         raise _refused(
             f"endpoint {target} refused TLS (answered 'N' to SSLRequest); lakeproxy only "
             "connects to the endpoint over TLS",
-            "check PGHOST/PGPORT: they must point at a Lakebase endpoint (or a PostgreSQL "
-            "server with ssl=on)",
+            "check LAKEBASE_HOST/LAKEBASE_PORT: they must point at a Lakebase endpoint (or a "
+            "PostgreSQL server with ssl=on)",
         )
     if first == b"E":
         # Sent before TLS, so anyone on the path could have written it: never
@@ -280,12 +281,12 @@ def check_ssl_answer(target: UpstreamTarget, data: bytes) -> None:
         raise _refused(
             f"endpoint {target} answered SSLRequest with an error before TLS (not relayed: "
             "it could have been forged)",
-            "check PGHOST/PGPORT point at the Lakebase endpoint",
+            "check LAKEBASE_HOST/LAKEBASE_PORT point at the Lakebase endpoint",
         )
     raise _refused(
         f"endpoint {target} sent an invalid answer to SSLRequest (first byte {first!r}); "
         "is it a PostgreSQL server?",
-        "check PGHOST/PGPORT",
+        "check LAKEBASE_HOST/LAKEBASE_PORT",
     )
 
 

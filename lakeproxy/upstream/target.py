@@ -25,9 +25,9 @@ class UpstreamTarget:
     ``host``: the name sent as SNI (Lakebase routes on it; Python's ssl sends
     no SNI for an IP literal) and checked against the certificate;
     ``hostaddr``: an IP address to dial instead of resolving ``host`` (libpq's
-    PGHOSTADDR); ``sslmode``: ``require`` (encrypt; with a CA file also the
-    chain, as libpq does), ``verify-ca`` (chain) or ``verify-full`` (chain and
-    host name).
+    LAKEBASE_HOSTADDR); ``sslmode``: ``require`` (encrypt; with a CA file also
+    the chain, as libpq does), ``verify-ca`` (chain) or ``verify-full`` (chain
+    and host name).
     """
 
     host: str
@@ -107,7 +107,7 @@ def handshake_refused(exc: BaseException | None) -> bool:
 def _build_ssl_context(sslmode: str, sslrootcert: str, groups: TlsGroups) -> ssl.SSLContext:
     if sslmode not in SSL_MODES:
         raise ConfigError([
-            f"PGSSLMODE={sslmode!r} is not supported: use require, verify-ca or verify-full"
+            f"LAKEBASE_SSLMODE={sslmode!r} is not supported: use require, verify-ca or verify-full"
         ])
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -138,7 +138,7 @@ def _build_ssl_context(sslmode: str, sslrootcert: str, groups: TlsGroups) -> ssl
             ctx.load_verify_locations(cafile=sslrootcert)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError([
-                f"PGSSLROOTCERT={sslrootcert}: cannot load CA certificates: {exc}"
+                f"LAKEBASE_SSLROOTCERT={sslrootcert}: cannot load CA certificates: {exc}"
             ]) from None
     return ctx
 
@@ -164,6 +164,6 @@ def _load_system_cas(ctx: ssl.SSLContext) -> None:
         ctx.load_verify_locations(cadata="\n".join(pems))
         return
     raise ConfigError([
-        f"PGSSLROOTCERT=system: no system CA certificates found (looked for {paths.cafile} "
-        f"and {paths.capath}); set PGSSLROOTCERT to a CA bundle file"
+        f"LAKEBASE_SSLROOTCERT=system: no system CA certificates found (looked for {paths.cafile} "
+        f"and {paths.capath}); set LAKEBASE_SSLROOTCERT to a CA bundle file"
     ])

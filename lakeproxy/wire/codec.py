@@ -26,7 +26,6 @@ from typing import Final, assert_never
 
 from lakeproxy.wire import limits
 from lakeproxy.wire import messages as m
-from lakeproxy.wire import sqlstate as S
 from lakeproxy.wire.errors import ProtocolError
 
 # --------------------------------------------------------------------------
@@ -453,13 +452,10 @@ def decode_startup(frame: bytes) -> StartupPacket:
     pairs = _startup_pairs(frame)
     if pairs is None:
         _, pairs = m.STARTUP_MESSAGE.parse(frame)
-    params = _startup_params(pairs)
-    if not params.get("user"):
-        raise ProtocolError(
-            "no PostgreSQL user name specified in startup packet",
-            S.INVALID_AUTHORIZATION_SPECIFICATION,
-        )
-    return StartupMessage(major, minor, params)
+    # No "user" is not an error here: node-postgres with $USER unset sends none,
+    # and the proxy replaces the user name anyway. A server that needs one (the
+    # emulator's front door, PostgreSQL) says so itself.
+    return StartupMessage(major, minor, _startup_params(pairs))
 
 
 def _fields(pairs: list[tuple[int, str]]) -> tuple[tuple[str, str], ...]:

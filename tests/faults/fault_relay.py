@@ -1,7 +1,7 @@
 """A fault-injecting TCP relay for tests: 127.0.0.1:PORT -> a target, with faults.
 
-Put it between lakeproxy and the endpoint (``PGHOSTADDR=127.0.0.1``,
-``PGPORT=relay.port``; TLS still checks and sends SNI for ``PGHOST``). Faults
+Put it between lakeproxy and the endpoint (``LAKEBASE_HOSTADDR=127.0.0.1``,
+``LAKEBASE_PORT=relay.port``; TLS still checks and sends SNI for ``LAKEBASE_HOST``). Faults
 apply to the *next* connections (``count`` of them, or all while set):
 
 * ``pass``: relay both ways;

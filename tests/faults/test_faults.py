@@ -42,7 +42,7 @@ async def relay(emulator: Emulator) -> AsyncIterator[FaultRelay]:
 async def proxy(emulator: Emulator, relay: FaultRelay) -> AsyncIterator[Proxy]:
     """The proxy dialing the endpoint through the relay (TLS name still PGHOST)."""
     async with running_proxy(
-        emulator, PGHOSTADDR="127.0.0.1", PGPORT=str(relay.port),
+        emulator, LAKEBASE_HOSTADDR="127.0.0.1", LAKEBASE_PORT=str(relay.port),
         LAKEPROXY_CONNECT_DEADLINE=str(DEADLINE),
     ) as p:
         yield p

@@ -155,7 +155,8 @@ def _check_startup(frame: bytes, ev: StartupReceived) -> None:
     msg = ev.message
     _require((msg.major, msg.minor) == (3, 0), f"session continues at {msg.major}.{msg.minor}")
     _require(not any(k.startswith("_pq_.") for k in msg.params), "_pq_. option passed on")
-    _require(bool(msg.params.get("user")), "startup without user accepted")
+    # A startup without "user" is accepted (SPEC: node-postgres with $USER unset
+    # sends none; the proxy replaces the user name anyway).
     kept = {k: v for k, v in original.params.items() if not k.startswith("_pq_.")}
     _require(msg.params == kept, "startup parameters changed")
     asked_more = original.minor > 0 or len(kept) != len(original.params)

@@ -75,11 +75,11 @@ class Proxy:
     @property
     def role(self) -> str:
         """The Postgres role lakeproxy logs in as."""
-        return self.env["PGUSER"]
+        return self.env.get("LAKEBASE_USER") or self.env["PGUSER"]
 
     @property
     def database(self) -> str:
-        return self.env.get("PGDATABASE", DATABASE)
+        return self.env.get("LAKEBASE_DATABASE") or self.env.get("PGDATABASE", DATABASE)
 
     def conninfo(self, *, dbname: str | None = None, **extra: str) -> str:
         """A libpq connection string for this proxy (no password, any user name)."""

@@ -397,7 +397,7 @@ async def test_workspace_access_disabled_hint(ws: FakeWorkspace, make: Factory) 
         (400, {"error_code": "INVALID_PARAMETER_VALUE",
                "message": "Field 'endpoint' is required"}, dbx.HINT_ENDPOINT),
         (404, {"error_code": "RESOURCE_DOES_NOT_EXIST",
-               "message": "Endpoint 'x' does not exist."}, dbx.HINT_ENDPOINT),
+               "message": "Endpoint 'x' does not exist."}, dbx.HINT_ENDPOINT_NOT_FOUND),
         (403, {"error_code": "PERMISSION_DENIED",
                "message": "role \"abc\" does not exist"}, dbx.HINT_ROLE),
     ],
@@ -419,14 +419,17 @@ async def test_unknown_endpoint_is_refused(ws: FakeWorkspace, make: Factory) -> 
     with pytest.raises(CredentialError) as info:
         await provider.get(deadline=now() + 5)
     assert info.value.error_code == "RESOURCE_DOES_NOT_EXIST"
-    assert info.value.hint == dbx.HINT_ENDPOINT
+    # A name of the right shape that the workspace does not know: "not found",
+    # not "set ENDPOINT_NAME to projects/..." (issue #11, point 6).
+    assert info.value.hint == dbx.HINT_ENDPOINT_NOT_FOUND
+    assert info.value.hint.startswith("endpoint not found")
 
 
 async def test_unknown_instance_is_refused(ws: FakeWorkspace, make: Factory) -> None:
     provider = make(endpoint_name=None, instance_name="nope")
     with pytest.raises(CredentialError) as info:
         await provider.get(deadline=now() + 5)
-    assert info.value.hint == dbx.HINT_INSTANCE
+    assert info.value.hint == dbx.HINT_INSTANCE_NOT_FOUND
 
 
 # ---------------------------------------------------------------- deadlines
@@ -508,7 +511,7 @@ async def test_endpoint_host_lookup(ws: FakeWorkspace, make: Factory) -> None:
             "projects/p1/branches/br-main/endpoints/other", deadline=now() + 5
         )
     assert info.value.status == 404
-    assert info.value.hint == dbx.HINT_ENDPOINT
+    assert info.value.hint == dbx.HINT_ENDPOINT_NOT_FOUND
 
 
 # ---------------------------------------------------------------- secrets

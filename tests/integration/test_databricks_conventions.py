@@ -16,7 +16,8 @@ from .proxy_process import psql, run_cli, running, spawn
 DB = "databricks_postgres"
 T = 60
 #: What Emulator.env() sets that a .databrickscfg profile replaces.
-IDENTITY = ("DATABRICKS_HOST", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET", "PGUSER")
+IDENTITY = ("DATABRICKS_HOST", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET",
+            "LAKEBASE_USER")
 
 
 def _without(env: dict[str, str], *keys: str) -> dict[str, str]:
@@ -83,8 +84,8 @@ async def test_missing_profile_is_one_line(emulator: Emulator, tmp_path: Path) -
 async def test_host_looked_up_when_pghost_is_unset(emulator: Emulator) -> None:
     """PGHOST unset: GET /api/2.0/postgres/{ENDPOINT_NAME} once; PGHOSTADDR still dialled,
     and TLS verifies the looked-up name (the emulator's certificate is for it)."""
-    env = {**_without(emulator.env(), "PGHOST"), "LAKEPROXY_LISTEN": "127.0.0.1:0"}
-    assert env["PGHOSTADDR"] == "127.0.0.1"
+    env = {**_without(emulator.env(), "LAKEBASE_HOST"), "LAKEPROXY_LISTEN": "127.0.0.1:0"}
+    assert env["LAKEBASE_HOSTADDR"] == "127.0.0.1"
     lookup = POSTGRES_PREFIX + emulator.endpoint_name
     async with asyncio.timeout(T), running(env) as p:
         assert "(host looked up)" in p.lines_matching("lakeproxy listening on")[0]

@@ -214,12 +214,12 @@ async def test_login_through_front_door(emulator: Emulator) -> None:
 
 
 async def test_env_works_for_psql(emulator: Emulator) -> None:
-    """env() is all libpq needs (plus the password)."""
+    """libpq_env() is all libpq needs (plus the password)."""
     async with asyncio.timeout(T):
         token = await mint(emulator)
         proc = await asyncio.create_subprocess_exec(
             "psql", "-X", "-A", "-t", "-c", "SELECT current_user || ' ' || current_database()",
-            env={**os.environ, **emulator.env(), "PGPASSWORD": token},
+            env={**os.environ, **emulator.libpq_env(), "PGPASSWORD": token},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = await proc.communicate()
         assert proc.returncode == 0, err
@@ -361,7 +361,7 @@ async def test_plain_cancel_is_forwarded(emulator: Emulator) -> None:
         token = await mint(emulator)
         proc = await asyncio.create_subprocess_exec(
             "psql", "-X", "-c", "SELECT pg_sleep(20)",
-            env={**os.environ, **emulator.env(), "PGPASSWORD": token},
+            env={**os.environ, **emulator.libpq_env(), "PGPASSWORD": token},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         while emulator.frontdoor.sessions == 0:
             await asyncio.sleep(0.05)

@@ -39,8 +39,8 @@ ENDPOINT_FIELD = {"read_write": "host", "read_only": "read_only_host",
 
 
 def _lookup_env(emulator: Emulator, **extra: str) -> dict[str, str]:
-    """The emulator's environment with no PGHOST: the host is looked up."""
-    env = {k: v for k, v in emulator.env().items() if k != "PGHOST"}
+    """The emulator's environment with no LAKEBASE_HOST: the host is looked up."""
+    env = {k: v for k, v in emulator.env().items() if k != "LAKEBASE_HOST"}
     return {**env, **extra}
 
 
@@ -183,7 +183,7 @@ async def test_disabled_endpoint_fails_at_once_with_a_hint(
 async def test_disabled_endpoint_with_explicit_host_stops_retrying_after_a_state_read(
     emulator: Emulator, proxy: ProxyFactory
 ) -> None:
-    """With PGHOST set the state is not read up front; the first failed dial reads
+    """With LAKEBASE_HOST set the state is not read up front; the first failed dial reads
     it, and a disabled endpoint ends the retries there."""
     emulator.workspace.set_disabled(True)
     async with asyncio.timeout(30):

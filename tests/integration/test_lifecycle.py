@@ -230,13 +230,13 @@ async def test_sighup_new_credentials_apply_to_new_connections(
 async def test_sighup_rereads_a_ca_file_replaced_in_place(
     emulator: Emulator, tmp_path: Path
 ) -> None:
-    """PGSSLROOTCERT keeps its path but gets new contents (a CA rotation): the
+    """LAKEBASE_SSLROOTCERT keeps its path but gets new contents (a CA rotation): the
     reload verifies new connections against the new file, though no setting
     changed."""
     ca = tmp_path / "root.pem"
     other = make_certs(tmp_path / "other", ["elsewhere.test"])
     ca.write_bytes(other.ca_file.read_bytes())  # not the emulator's CA
-    env = _env(emulator, PGSSLROOTCERT=str(ca))
+    env = _env(emulator, LAKEBASE_SSLROOTCERT=str(ca))
     async with asyncio.timeout(T), running(env) as p:
         await p.wait_ready()
         with pytest.raises(psycopg.OperationalError, match="certificate"):

@@ -223,7 +223,7 @@ async def test_no_secret_in_any_output_at_debug(
     # lakeproxy check, and a run refused for a bad setting, at debug.
     code, out, err = await run_cli({**env, "LAKEPROXY_LOG_LEVEL": "debug"}, ["check"])
     outputs.append(out + err)
-    code, out, err = await run_cli({**env, "PGSSLMODE": "disable"}, ["run"])
+    code, out, err = await run_cli({**env, "LAKEBASE_SSLMODE": "disable"}, ["run"])
     assert code == 2
     outputs.append(out + err)
     ws.inject(OIDC_PATH, status=401)

@@ -48,7 +48,6 @@ BAD_STARTS = {
     "short garbage": b"\x00\x00\x00\x10" + b"\xde\xad\xbe\xef" * 3,
     "protocol 2.0": _packet(2 << 16, b"user\x00someone\x00database\x00db\x00\x00"),
     "early bytes after SSLRequest": SSL_REQUEST + startup_bytes(PARAMS),
-    "startup without a user": _packet(3 << 16, b"database\x00db\x00\x00"),
 }
 
 
@@ -86,8 +85,7 @@ async def test_bad_start_gets_08p01_and_the_proxy_keeps_serving(
         assert len(messages) == 1, messages
         err = messages[0]
         assert isinstance(err, ErrorResponse)
-        expected = "28000" if name == "startup without a user" else "08P01"
-        assert (err.severity, err.sqlstate) == ("FATAL", expected)
+        assert (err.severity, err.sqlstate) == ("FATAL", "08P01")
         assert err.message.startswith("lakeproxy:"), err.message
         await _served(p)
     assert emulator.frontdoor.connections == 1  # only the psql at the end went upstream
@@ -288,7 +286,12 @@ async def test_no_upstream_session_outlives_a_client_gone_during_login(
         await asyncio.sleep(0.5)
         assert len(p.server.sessions) == 1
         client.abort()
-        await asyncio.sleep(0.1)
+        # Well before the wake completes (2 s): the hang-up is seen within one
+        # poll (HANG_UP_POLL) even on a loaded machine.
+        for _ in range(50):
+            if not p.server.sessions:
+                break
+            await asyncio.sleep(0.02)
         assert not p.server.sessions
         await asyncio.sleep(2.0)  # the wake completes
         await _nothing_left(p, emu)

@@ -56,7 +56,7 @@ async def test_endpoint_down_gives_08006_at_the_deadline(
     emulator: Emulator, proxy: ProxyFactory,
 ) -> None:
     async with asyncio.timeout(30):
-        p = await proxy(emulator, PGPORT=str(free_port()), LAKEPROXY_CONNECT_DEADLINE="3")
+        p = await proxy(emulator, LAKEBASE_PORT=str(free_port()), LAKEPROXY_CONNECT_DEADLINE="3")
         started = time.monotonic()
         with pytest.raises(asyncpg.PostgresError) as info:
             await p.asyncpg()

@@ -236,7 +236,7 @@ async def test_endpoint_refusing_even_a_fresh_credential_gives_28p01(
     """Credentials minted for the principal do not log in as another role: one
     re-mint, then 28P01 with lakeproxy's message (the endpoint's text in it)."""
     async with asyncio.timeout(30):
-        p = await proxy(emulator, warm=False, PGUSER="not-the-principals-role")
+        p = await proxy(emulator, warm=False, LAKEBASE_USER="not-the-principals-role")
         with pytest.raises(asyncpg.PostgresError) as info:
             await p.asyncpg()
     exc = info.value

@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import types
@@ -96,7 +97,8 @@ def test_help(command: str | None) -> None:
 @pytest.mark.parametrize(
     ("args", "extra", "starts"),
     [
-        ([], {"PGSSLMODE": "disable"}, "lakeproxy: PGSSLMODE=disable (environment): must be"),
+        ([], {"LAKEBASE_SSLMODE": "disable"},
+         "lakeproxy: LAKEBASE_SSLMODE=disable (environment): must be"),
         (["run"], {"LAKEPROXY_MAX_CLIENTS": "0"},
          "lakeproxy: LAKEPROXY_MAX_CLIENTS=0 (environment): must be a positive integer"),
         (["check"], {"LAKEPROXY_LISTEN": "0.0.0.0:6432"},
@@ -106,10 +108,10 @@ def test_help(command: str | None) -> None:
          "lakeproxy: DATABRICKS_HOST=http://example.com (environment): must use https://"),
         (["--config", "/nonexistent.toml"], {},
          "lakeproxy: --config=/nonexistent.toml (command line): file not found"),
-        (["run", "--listen", "0.0.0.0:1", "--log-level", "debug"], {"PGPORT": "x"},
+        (["run", "--listen", "127.0.0.1:1", "--log-level", "debug"], {"PGPORT": "x"},
          "lakeproxy: PGPORT=x (environment): must be a port number"),
         (["wait"], {}, "lakeproxy: --admin: required"),
-        (["wait", "--admin", "nope", "--timeout", "soon"], {},
+        (["wait", "--admin", "nope", "--timeout", "5"], {},
          "lakeproxy: --admin=nope (command line): must be HOST:PORT"),
         (["demo"], {"LAKEPROXY_LOG_FORMAT": "xml"},
          "lakeproxy: LAKEPROXY_LOG_FORMAT=xml (environment): must be one of text, json"),
@@ -127,14 +129,25 @@ def test_bad_config_exits_2_with_one_line(
     assert GOOD_ENV["DATABRICKS_CLIENT_SECRET"] not in result.stderr
 
 
-def test_every_problem_on_the_one_line(tmp_path: Path) -> None:
-    result = run_cli(["run", "--listen", "0.0.0.0:6432"], clean_env(tmp_path, PGSSLMODE="allow"))
+def test_one_problem_per_line_most_specific_first(tmp_path: Path) -> None:
+    """Issue #11.5: not one ~500-character line; the real mistake comes first."""
+    cfg = tmp_path / "lp.toml"
+    cfg.write_text('[proxy]\nmax_client = 5\n')
+    result = run_cli(["run", "--listen", "0.0.0.0:6432", "--config", str(cfg)],
+                     clean_env(tmp_path, LAKEBASE_SSLMODE="allow"))
     assert result.returncode == 2
+    assert result.stdout == ""
     lines = result.stderr.splitlines()
-    assert len(lines) == 1
-    for part in ("DATABRICKS_HOST: required", "ENDPOINT_NAME or LAKEBASE_INSTANCE",
-                 "PGSSLMODE=allow (environment)", "--listen=0.0.0.0:6432 (command line)"):
-        assert part in lines[0]
+    assert all(line.startswith("lakeproxy: ") for line in lines), lines
+    assert lines[0] == (f"lakeproxy: [proxy] max_client ({cfg}): unknown key "
+                        "(did you mean max_clients?)")
+    assert lines[1].startswith("lakeproxy: LAKEBASE_SSLMODE=allow (environment): must be one of")
+    assert lines[2].startswith("lakeproxy: --listen=0.0.0.0:6432 (command line): 0.0.0.0:6432 "
+                               "is not a loopback address")
+    assert lines[3].startswith("lakeproxy: DATABRICKS_HOST: required")
+    assert lines[4].startswith("lakeproxy: DATABRICKS_CLIENT_ID and DATABRICKS_CLIENT_SECRET")
+    assert lines[5].startswith("lakeproxy: ENDPOINT_NAME or LAKEBASE_INSTANCE: one is required")
+    assert len(lines) == 6, lines
 
 
 def test_usage_error_exits_2(tmp_path: Path) -> None:
@@ -216,12 +229,27 @@ def test_check_dispatches_with_stdout(
 
 
 def test_demo_dispatches(monkeypatch: pytest.MonkeyPatch) -> None:
-    async def run_demo() -> int:
+    got: list[str] = []
+
+    async def run_demo(listen: str) -> int:
+        got.append(listen)
         return 5
 
     fake_module(monkeypatch, "lakeproxy.demo", run_demo=run_demo)
+    monkeypatch.delenv("LAKEPROXY_LISTEN", raising=False)
     assert cli.main(["demo", "--log-level", "warning"]) == 5
     assert logging.getLogger().level == logging.WARNING
+    assert cli.main(["demo", "--listen", "127.0.0.1:7777"]) == 5
+    monkeypatch.setenv("LAKEPROXY_LISTEN", "127.0.0.1:7778")
+    assert cli.main(["demo"]) == 5
+    assert got == ["127.0.0.1:6432", "127.0.0.1:7777", "127.0.0.1:7778"]
+
+
+def test_demo_listen_is_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["demo", "--listen", "6433"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("lakeproxy: --listen=6433 (command line): must be HOST:PORT, "
+                   "e.g. 127.0.0.1:6432\n")
 
 
 def test_missing_command_module_is_one_line(
@@ -403,3 +431,44 @@ async def test_serve_emulator_prints_exports_until_sigterm() -> None:
         "export DATABRICKS_HOST=http://127.0.0.1:1234\n"
         "export PGSSLROOTCERT='/tmp/a b/ca.pem'\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("http://127.0.0.1:9090", ("127.0.0.1", 9090)),
+        ("http://127.0.0.1:9090/", ("127.0.0.1", 9090)),
+        ("http://localhost:9090/readyz", ("localhost", 9090)),
+        ("http://[::1]:9090", ("::1", 9090)),
+    ],
+)
+def test_wait_admin_accepts_a_url(text: str, expected: tuple[str, int]) -> None:
+    assert cli.parse_admin_url(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("https://127.0.0.1:9090", "the admin server speaks plain HTTP"),
+        ("http://127.0.0.1", "needs a host and a port"),
+        ("http://127.0.0.1:9090/metrics", "lakeproxy wait asks /readyz itself"),
+        ("http://127.0.0.1:99999", "must be http://HOST:PORT or HOST:PORT"),
+    ],
+)
+def test_wait_admin_bad_url(
+    text: str, reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["wait", "--admin", text, "--timeout", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lakeproxy: --admin={text} (command line): ")
+    assert reason in err
+    assert err.count("\n") == 1
+
+
+def test_wait_admin_url_polls_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """A URL is polled like HOST:PORT (here nothing listens: exit 1, not 2)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert cli.main(["wait", "--admin", f"http://127.0.0.1:{port}", "--timeout", "0.3"]) == 1
+    assert capsys.readouterr().err.startswith("lakeproxy: not ready after 0.3s")

@@ -18,11 +18,13 @@ from lakeproxy.config import (
     EndpointConfig,
     Listener,
     load_config,
+    name_sources,
     parse_duration,
     parse_listener,
     parse_listeners,
     reload_config,
 )
+from lakeproxy.config.load import ENDPOINT_ENV
 from lakeproxy.errors import ConfigError
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "config"
@@ -172,23 +174,26 @@ SETTINGS: dict[str, Setting] = {
         "file-password-123", None,
     ),
     "host": Setting(
-        lambda c: ep0(c).host, "PGHOST", "env-host.example.com", "env-host.example.com",
+        lambda c: ep0(c).host, "LAKEBASE_HOST", "env-host.example.com", "env-host.example.com",
         "file-host.example.com", None,
     ),
-    "hostaddr": Setting(lambda c: ep0(c).hostaddr, "PGHOSTADDR", "::1", "::1", "10.0.0.1", None),
-    "port": Setting(lambda c: ep0(c).port, "PGPORT", "6001", 6001, 6000, 5432),
+    "hostaddr": Setting(
+        lambda c: ep0(c).hostaddr, "LAKEBASE_HOSTADDR", "::1", "::1", "10.0.0.1", None,
+    ),
+    "port": Setting(lambda c: ep0(c).port, "LAKEBASE_PORT", "6001", 6001, 6000, 5432),
     "database": Setting(
-        lambda c: ep0(c).database, "PGDATABASE", "envdb", "envdb", "filedb",
+        lambda c: ep0(c).database, "LAKEBASE_DATABASE", "envdb", "envdb", "filedb",
         "databricks_postgres",
     ),
-    "user": Setting(lambda c: ep0(c).user, "PGUSER", "env-user", "env-user", "file-user",
+    "user": Setting(lambda c: ep0(c).user, "LAKEBASE_USER", "env-user", "env-user", "file-user",
                     "min-client"),
     "sslmode": Setting(
-        lambda c: ep0(c).sslmode, "PGSSLMODE", "require", "require", "verify-ca", "verify-full",
+        lambda c: ep0(c).sslmode, "LAKEBASE_SSLMODE", "require", "require", "verify-ca",
+        "verify-full",
     ),
     "sslrootcert": Setting(
-        lambda c: ep0(c).sslrootcert, "PGSSLROOTCERT", "system", "system", str(DATA / "ca.pem"),
-        "system",
+        lambda c: ep0(c).sslrootcert, "LAKEBASE_SSLROOTCERT", "system", "system",
+        str(DATA / "ca.pem"), "system",
     ),
 }
 
@@ -277,9 +282,11 @@ def test_unknown_flag_key_is_a_programming_error() -> None:
 # Invalid values: one problem each, naming the key, the source, and never a secret
 
 INVALID_ENV = [
-    ("PGSSLMODE", "disable", "must be one of require, verify-ca, verify-full"),
-    ("PGSSLMODE", "allow", "must be one of require, verify-ca, verify-full"),
-    ("PGSSLMODE", "prefer", "must be one of require, verify-ca, verify-full"),
+    ("LAKEBASE_SSLMODE", "disable", "must be one of require, verify-ca, verify-full"),
+    ("LAKEBASE_SSLMODE", "allow", "must be one of require, verify-ca, verify-full"),
+    ("LAKEBASE_SSLMODE", "prefer", "must be one of require, verify-ca, verify-full"),
+    ("LAKEBASE_PORT", "x", "must be a port number from 1 to 65535"),
+    ("LAKEBASE_HOST", "/tmp", "must be one host name"),
     ("PGSSLMODE", "verify", "must be one of require, verify-ca, verify-full"),
     ("PGPORT", "0", "must be a port number from 1 to 65535"),
     ("PGPORT", "65536", "must be a port number from 1 to 65535"),
@@ -365,12 +372,12 @@ def test_invalid_file_values_all_reported_at_once() -> None:
 
 def test_multiple_env_problems_at_once() -> None:
     found = problems({
-        **ENV, "PGSSLMODE": "disable", "LAKEPROXY_MAX_CLIENTS": "-3", "PGPORT": "x",
+        **ENV, "LAKEBASE_SSLMODE": "disable", "LAKEPROXY_MAX_CLIENTS": "-3", "PGPORT": "x",
         "DATABRICKS_HOST": "http://example.com",
     })
     assert [p.split(" ")[0] for p in found] == [
         "DATABRICKS_HOST=http://example.com", "LAKEPROXY_MAX_CLIENTS=-3", "PGPORT=x",
-        "PGSSLMODE=disable",
+        "LAKEBASE_SSLMODE=disable",
     ]
 
 
@@ -384,13 +391,11 @@ def test_everything_missing() -> None:
     assert found[2].startswith("ENDPOINT_NAME or LAKEBASE_INSTANCE: one is required")
 
 
-def test_pguser_required_without_client_id() -> None:
+def test_without_pguser_or_client_id_the_role_is_the_signed_in_identity() -> None:
     env = {k: v for k, v in ENV.items() if not k.startswith("DATABRICKS_CLIENT")}
-    found = problems({**env, "DATABRICKS_TOKEN": TOKEN})
-    assert len(found) == 1
-    assert found[0].startswith("PGUSER: required when DATABRICKS_CLIENT_ID is unset")
+    assert ep0(load({**env, "DATABRICKS_TOKEN": TOKEN})).user is None  # asked from SCIM Me
     config = load({**env, "DATABRICKS_TOKEN": TOKEN, "PGUSER": "role"})
-    assert config.databricks.auth_method == "token"
+    assert config.databricks.auth_method == "pat"
     assert config.databricks.token == TOKEN
     assert ep0(config).user == "role"
 
@@ -398,7 +403,7 @@ def test_pguser_required_without_client_id() -> None:
 def test_token_with_client_id_only_sets_the_default_role() -> None:
     env = {k: v for k, v in ENV.items() if k != "DATABRICKS_CLIENT_SECRET"}
     config = load({**env, "DATABRICKS_TOKEN": TOKEN})
-    assert config.databricks.auth_method == "token"
+    assert config.databricks.auth_method == "pat"
     assert ep0(config).user == "env-client"
 
 
@@ -531,7 +536,8 @@ def test_default_profile_from_home(tmp_path: Path) -> None:
 def test_named_profile() -> None:
     config = load(cfg_env(DATABRICKS_CONFIG_PROFILE="staging", PGUSER="r"))
     assert config.databricks == DatabricksConfig(
-        "https://staging.cloud.databricks.com", None, None, "dapi-staging-token-value"
+        "https://staging.cloud.databricks.com", None, None, "dapi-staging-token-value",
+        auth_type="pat", profile="staging",
     )
 
 
@@ -823,3 +829,109 @@ def test_example_documents_every_key(table: str, key: str) -> None:
 @pytest.mark.parametrize("var", [v for v in ENV_VARS if v != "LAKEPROXY_CONFIG"])
 def test_example_names_every_env_var(var: str) -> None:
     assert var in EXAMPLE.read_text()
+
+
+# --------------------------------------------------------------------------
+# The proxy's own LAKEBASE_* names win over the PG* names its clients read (#11.1)
+
+#: key -> (LAKEBASE_* value, PG* value, what the LAKEBASE_* one gives, what PG* alone gives)
+ENDPOINT_VARS: dict[str, tuple[str, str, object, object]] = {
+    "host": ("own.example.com", "127.0.0.1", "own.example.com", "127.0.0.1"),
+    "port": ("5433", "6432", 5433, 6432),
+    "hostaddr": ("10.0.0.7", "127.0.0.1", "10.0.0.7", "127.0.0.1"),
+    "database": ("owndb", "appdb", "owndb", "appdb"),
+    "user": ("own-role", "app-user", "own-role", "app-user"),
+    "sslmode": ("verify-ca", "require", "verify-ca", "require"),
+    "sslrootcert": ("system", str(DATA / "ca.pem"), "system", str(DATA / "ca.pem")),
+}
+
+
+@pytest.mark.parametrize("key", list(ENDPOINT_VARS))
+def test_lakebase_name_wins_over_pg_name(key: str) -> None:
+    own_var, pg_var = ENDPOINT_ENV[key]
+    own, pg, own_expected, pg_expected = ENDPOINT_VARS[key]
+    assert own_var == f"LAKEBASE_{pg_var[2:]}"
+    assert getattr(ep0(load({**ENV, own_var: own, pg_var: pg})), key) == own_expected
+    # The PG* name alone still works: Databricks' guide tells users to set it.
+    assert getattr(ep0(load({**ENV, pg_var: pg})), key) == pg_expected
+
+
+@pytest.mark.parametrize("key", ["host", "port", "database", "user", "sslmode"])
+def test_toml_key_wins_over_pg_name(key: str) -> None:
+    """A shell's PGHOST=127.0.0.1 PGPORT=6432 (for psql, to reach the proxy) must not
+    point the proxy at itself when its file says where the endpoint is."""
+    _, pg_var = ENDPOINT_ENV[key]
+    _, pg, _, _ = ENDPOINT_VARS[key]
+    from_file = getattr(ep0(load({"DATABRICKS_CLIENT_SECRET": SECRET}, "precedence.toml")), key)
+    env = {"DATABRICKS_CLIENT_SECRET": SECRET, pg_var: pg}
+    assert getattr(ep0(load(env, "precedence.toml")), key) == from_file != pg
+
+
+@pytest.mark.parametrize("mode", ["disable", "allow", "prefer", "PREFER"])
+def test_client_only_pgsslmode_is_ignored_with_one_warning(mode: str) -> None:
+    config = load({**ENV, "PGSSLMODE": mode})
+    assert ep0(config).sslmode == "verify-full"
+    assert len(config.warnings) == 1
+    warning = config.warnings[0]
+    assert warning.startswith(f"PGSSLMODE={mode} (environment): ignored")
+    assert "verify-full" in warning
+    assert "LAKEBASE_SSLMODE" in warning
+    # The same value as the proxy's own setting is refused.
+    assert problems({**ENV, "LAKEBASE_SSLMODE": mode})[0].startswith(
+        f"LAKEBASE_SSLMODE={mode} (environment): must be one of require, verify-ca, verify-full")
+    # Next to LAKEBASE_SSLMODE, PGSSLMODE is not read at all: no warning.
+    both = load({**ENV, "PGSSLMODE": mode, "LAKEBASE_SSLMODE": "require"})
+    assert (ep0(both).sslmode, both.warnings) == ("require", ())
+
+
+def test_usable_pgsslmode_is_a_fallback_without_warning() -> None:
+    config = load({**ENV, "PGSSLMODE": "verify-ca"})
+    assert (ep0(config).sslmode, config.warnings) == ("verify-ca", ())
+
+
+def test_file_sslmode_disable_is_refused(tmp_path: Path) -> None:
+    cfg = tmp_path / "lp.toml"
+    cfg.write_text('[[endpoints]]\nname = "projects/p/branches/b/endpoints/e"\n'
+                   'sslmode = "prefer"\n')
+    found = problems({**ENV, "ENDPOINT_NAME": ""}, cfg)
+    assert found == [f'[[endpoints]] sslmode ({cfg}): must be one of require, verify-ca, '
+                     'verify-full (lakeproxy always uses TLS to the endpoint) (got prefer)']
+
+
+# --------------------------------------------------------------------------
+# Problems: the most specific first (#11.5); hints name the value's source (#11.6)
+
+
+def test_typo_in_a_table_comes_before_the_required_problems(tmp_path: Path) -> None:
+    cfg = tmp_path / "lp.toml"
+    cfg.write_text('[databricks]\nhots = "https://x.cloud.databricks.com"\n'
+                   '[proxy]\nmax_client = 5\n')
+    found = problems({}, cfg)
+    assert found[0] == f"[databricks] hots ({cfg}): unknown key (did you mean host?)"
+    assert found[1] == f"[proxy] max_client ({cfg}): unknown key (did you mean max_clients?)"
+    assert found[2].startswith("DATABRICKS_HOST: required")
+    assert len(found) == 5, found
+
+
+def test_sources_name_file_key_profile_or_variable(tmp_path: Path) -> None:
+    cfg = tmp_path / "lp.toml"
+    cfg.write_text('[proxy]\nmax_clients = 5\n[[endpoints]]\n'
+                   'name = "projects/p/branches/b/endpoints/e"\nhost = "h.example.com"\n')
+    config = load({**ENV, "ENDPOINT_NAME": "", "PGPORT": "5433"}, cfg)
+    assert name_sources("raise LAKEPROXY_MAX_CLIENTS", config.sources) == (
+        f"raise max_clients in [proxy] of {cfg}")
+    hint = name_sources("check LAKEBASE_HOST/LAKEBASE_PORT/LAKEBASE_HOSTADDR and ENDPOINT_NAME",
+                        ep0(config).sources, config.sources)
+    assert hint == (f"check host in [[endpoints]] of {cfg}/PGPORT/LAKEBASE_HOSTADDR and "
+                    f"name in [[endpoints]] of {cfg}")
+    # A variable's value keeps the variable's name.
+    assert name_sources("check DATABRICKS_HOST", config.sources) == "check DATABRICKS_HOST"
+
+
+def test_sources_name_the_profile(tmp_path: Path) -> None:
+    cfg = tmp_path / ".databrickscfg"
+    cfg.write_text("[dev]\nhost = https://dev.cloud.databricks.com\ntoken = dapi-123\n")
+    config = load({"DATABRICKS_CONFIG_FILE": str(cfg), "DATABRICKS_CONFIG_PROFILE": "dev",
+                   "ENDPOINT_NAME": "projects/p/branches/b/endpoints/e", "LAKEBASE_USER": "r"})
+    assert name_sources("check DATABRICKS_TOKEN (it may be expired)", config.sources) == (
+        f"check token in profile [dev] of {cfg} (it may be expired)")

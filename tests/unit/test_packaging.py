@@ -161,7 +161,7 @@ def test_dockerignore_sends_only_the_package() -> None:
     lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
              if ln.strip() and not ln.startswith("#")]
     assert lines[0] == "*"
-    assert {"!pyproject.toml", "!README.md", "!lakeproxy/"} <= set(lines)
+    assert {"!pyproject.toml", "!README.md", "!LICENSE", "!lakeproxy/"} <= set(lines)
 
 
 def _copy_sources(stage: Stage, src_root: Path) -> dict[str, Path]:
@@ -355,3 +355,47 @@ def test_simple_yaml_parser() -> None:
     assert doc == {"a": {"b": "x y", "c": {"d": "q: r"}, "e": ["1", "2"]}, "f": "g"}
     with pytest.raises(AssertionError):
         parse_simple_yaml("a:\n\tb: c\n")
+
+
+# --------------------------------------------------------------------------
+# A newcomer's first commands (issue #11)
+
+
+def _make_dry_run(target: str, venv: Path) -> list[str]:
+    """The commands ``make -n TARGET`` would run for a fresh ``VENV``."""
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make")
+    result = subprocess.run(
+        [make, "-n", target, f"VENV={venv}"], cwd=REPO, capture_output=True, text=True,
+        check=True,
+    )
+    return result.stdout.splitlines()
+
+
+def test_make_demo_installs_only_the_emulator_extra(tmp_path: Path) -> None:
+    demo = _make_dry_run("demo", tmp_path / "venv")
+    installs = [line for line in demo if "pip install" in line and " -e " in line]
+    assert installs, demo
+    assert all("'.[emulator]'" in line for line in installs), installs
+    assert not [line for line in demo if "[test]" in line], demo
+    test = _make_dry_run("test", tmp_path / "venv")
+    assert any("pip install -q -e '.[test]'" in line for line in test), test
+
+
+def test_make_demo_listen_is_passed_on(tmp_path: Path) -> None:
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make")
+    out = subprocess.run(
+        [make, "-n", "demo", f"VENV={tmp_path / 'venv'}", "LISTEN=127.0.0.1:6433"], cwd=REPO,
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert out.splitlines()[-1].endswith("/bin/lakeproxy demo --listen 127.0.0.1:6433")
+
+
+def test_license_is_the_apache_2_text_pyproject_declares() -> None:
+    text = (REPO / "LICENSE").read_text()
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "END OF TERMS AND CONDITIONS" in text
+    assert 'license = "Apache-2.0"' in (REPO / "pyproject.toml").read_text()

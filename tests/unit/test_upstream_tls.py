@@ -132,9 +132,9 @@ def test_system_cas_are_loaded_into_memory_without_a_lookup_dir() -> None:
 
 
 def test_bad_mode_and_missing_ca_file(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="PGSSLMODE"):
+    with pytest.raises(ConfigError, match="LAKEBASE_SSLMODE"):
         make_ssl_context("prefer", "system")
-    with pytest.raises(ConfigError, match="PGSSLROOTCERT"):
+    with pytest.raises(ConfigError, match="LAKEBASE_SSLROOTCERT"):
         make_ssl_context("verify-full", str(tmp_path / "missing.pem"))
 
 
