@@ -1,8 +1,9 @@
 """node-postgres (the ``pg`` package on npm) through the proxy.
 
-``pg`` is installed with npm into ``build/node-pg`` the first time (the npm
-registry is reachable from the test machines); the tests skip, saying why,
-only when node or npm is missing or the install fails.
+``pg`` comes from ``tests/clients/node`` (its lockfile; ``.ci/run`` installs
+it with ``npm ci``); when it is not installed yet the fixture runs that
+``npm ci`` itself (the npm registry is reachable from the test machines). The
+tests skip, saying why, only when node or npm is missing or the install fails.
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from lakeproxy.emulator import Emulator, PgCluster
 from .conftest import ProxyFactory
 from .proxy_process import REPO, base_env
 
-NODE_PG_DIR = REPO / "build" / "node-pg"
-#: The major version of node-postgres the tests run (its Terminate-first end() is in 8.x).
-PG_PACKAGE = "pg@8"
+NODE_DIR = REPO / "tests" / "clients" / "node"
 
 #: ``client.connect(); client.end();`` without awaiting either, as an application
 #: that gives up at once does. node-postgres then writes Terminate before its
@@ -39,23 +38,22 @@ client.end();
 
 @pytest.fixture(scope="session")
 def node_modules() -> Path:
-    """``build/node-pg/node_modules`` with ``pg`` in it (installed once)."""
+    """``tests/clients/node/node_modules`` with ``pg`` in it (``npm ci`` once)."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.skip("node and npm are needed to run node-postgres")
-    modules = NODE_PG_DIR / "node_modules"
+    modules = NODE_DIR / "node_modules"
     if not (modules / "pg" / "package.json").is_file():
-        NODE_PG_DIR.mkdir(parents=True, exist_ok=True)
         try:
             subprocess.run(
-                [npm, "install", "--no-audit", "--no-fund", "--no-package-lock",
-                 "--prefix", str(NODE_PG_DIR), PG_PACKAGE],
+                [npm, "ci", "--prefix", str(NODE_DIR), "--no-audit", "--no-fund",
+                 "--loglevel=error"],
                 check=True, capture_output=True, timeout=300,
                 env={**os.environ, "npm_config_update_notifier": "false"},
             )
         except (subprocess.SubprocessError, OSError) as exc:
             detail = getattr(exc, "stderr", b"") or b""
-            pytest.skip(f"npm install {PG_PACKAGE} failed: {exc} {detail.decode()[-500:]}")
+            pytest.skip(f"npm ci --prefix {NODE_DIR} failed: {exc} {detail.decode()[-500:]}")
     return modules
 
 

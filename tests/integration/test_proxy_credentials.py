@@ -315,7 +315,7 @@ async def test_refused_credentials_are_reminted_at_most_once_per_interval(
     as): waves of clients each get 28P01, but credentials are minted no more often
     than MIN_REMINT_INTERVAL, and the waits are counted."""
     async with asyncio.timeout(60):
-        p = await proxy(emulator, warm=False, PGUSER="not-the-principals-role")
+        p = await proxy(emulator, warm=False, LAKEBASE_USER="not-the-principals-role")
         for _ in range(3):
             results = await asyncio.gather(
                 *(p.run_psql("SELECT 1") for _ in range(5)))
@@ -338,19 +338,20 @@ async def test_refused_credentials_are_reminted_at_most_once_per_interval(
 async def test_require_with_a_ca_file_never_sends_the_credential_to_another_ca(
     emulator: Emulator, proxy: ProxyFactory, tls_ca: trustme.CA, tmp_path: Path,
 ) -> None:
-    """PGSSLMODE=require with PGSSLROOTCERT naming a CA that did not sign the
+    """LAKEBASE_SSLMODE=require with LAKEBASE_SSLROOTCERT naming a CA that did not sign the
     endpoint's certificate: refused (08006) before any password is sent; with the
     endpoint's own CA it logs in."""
     other_ca = tmp_path / "other-ca.pem"
     tls_ca.cert_pem.write_to_path(str(other_ca))
     async with asyncio.timeout(30):
-        p = await proxy(emulator, warm=False, PGSSLMODE="require", PGSSLROOTCERT=str(other_ca))
+        p = await proxy(emulator, warm=False, LAKEBASE_SSLMODE="require",
+                        LAKEBASE_SSLROOTCERT=str(other_ca))
         with pytest.raises(asyncpg.PostgresError) as info:
             await p.asyncpg()
         assert info.value.sqlstate == "08006"
         assert "certificate verif" in info.value.message
         assert emulator.frontdoor.passwords == 0
-        good = await proxy(emulator, warm=False, PGSSLMODE="require",
-                           PGSSLROOTCERT=str(emulator.ca_file))
+        good = await proxy(emulator, warm=False, LAKEBASE_SSLMODE="require",
+                           LAKEBASE_SSLROOTCERT=str(emulator.ca_file))
         assert await _current_user(good) == emulator.role
     assert emulator.frontdoor.passwords == 1
