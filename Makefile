@@ -42,6 +42,7 @@ fuzz: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.pool
 
 bench-micro: $(STAMP)
 	$(BIN)/python -m benchmarks.splice_micro

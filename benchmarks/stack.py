@@ -41,7 +41,8 @@ from lakeproxy.emulator.api import FakeWorkspace
 from lakeproxy.emulator.certs import TlsFiles, make_certs
 from lakeproxy.emulator.pgcluster import PgCluster, free_port
 
-TargetName = Literal["direct", "pgbouncer", "lakeproxy"]
+#: ``lakeproxy_session``: a second lakeproxy with ``LAKEPROXY_POOL_MODE=session``.
+TargetName = Literal["direct", "pgbouncer", "lakeproxy", "lakeproxy_session"]
 
 HOST_NAME: Final = "pg.lakeproxy-bench.test"  # the certificate's name; dialled at 127.0.0.1
 DATABASE: Final = "databricks_postgres"
@@ -222,6 +223,9 @@ class Stack:
         self._ws_thread: _WorkspaceThread | None = None
         self._pgbouncer: subprocess.Popen[bytes] | None = None
         self._lakeproxy: subprocess.Popen[bytes] | None = None
+        self._lakeproxy_session: subprocess.Popen[bytes] | None = None
+        #: The port lakeproxy dials (None: the server's); e.g. a delaying relay's.
+        self.upstream_port: int | None = None
         self.targets: dict[TargetName, Target] = {}
         self.versions: dict[str, str] = {}
 
@@ -288,11 +292,14 @@ class Stack:
             self._start_pgbouncer()
         if "lakeproxy" in self.names:
             self._start_lakeproxy()
+        if "lakeproxy_session" in self.names:
+            self._start_lakeproxy("lakeproxy_session")
 
     def stop(self) -> None:
         """Stop everything that was started (idempotent); removes the work
         directory unless ``keep``."""
         _stop(self._lakeproxy)
+        _stop(self._lakeproxy_session)
         _stop(self._pgbouncer)
         if self._ws_thread is not None:
             self._ws_thread.stop()
@@ -312,6 +319,9 @@ class Stack:
         elif name == "lakeproxy":
             _stop(self._lakeproxy)
             self._start_lakeproxy()
+        elif name == "lakeproxy_session":
+            _stop(self._lakeproxy_session)
+            self._start_lakeproxy(name)
         return self.targets[name]
 
     def _start_pgbouncer(self) -> None:
@@ -366,7 +376,8 @@ class Stack:
         _wait_port(port, self._pgbouncer, log, "pgbouncer")
         self.targets["pgbouncer"] = self._proxy_target("pgbouncer", port, self._pgbouncer.pid)
 
-    def _start_lakeproxy(self) -> None:
+    def _start_lakeproxy(self, name: TargetName = "lakeproxy") -> None:
+        """Start lakeproxy as ``name``: ``lakeproxy_session`` has session reuse on."""
         assert self.cluster is not None
         assert self.tls is not None
         assert self.workspace is not None
@@ -380,18 +391,19 @@ class Stack:
                 "ENDPOINT_NAME": ENDPOINT_NAME,
                 "PGHOST": HOST_NAME,
                 "PGHOSTADDR": "127.0.0.1",
-                "PGPORT": str(self.cluster.port),
+                "PGPORT": str(self.upstream_port or self.cluster.port),
                 "PGUSER": self.role,
                 "PGDATABASE": DATABASE,
                 "PGSSLMODE": "verify-full",
                 "PGSSLROOTCERT": str(self.tls.ca_file),
                 "LAKEPROXY_LISTEN": f"127.0.0.1:{port}",
                 "LAKEPROXY_MAX_CLIENTS": str(self.max_connections + 100),
+                "LAKEPROXY_POOL_MODE": "session" if name == "lakeproxy_session" else "off",
             }
         )
-        log = self.workdir / "lakeproxy.log"
+        log = self.workdir / f"{name}.log"
         with log.open("ab") as err:
-            self._lakeproxy = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "lakeproxy", "run"],
                 stdin=subprocess.DEVNULL,
                 stdout=err,
@@ -399,8 +411,12 @@ class Stack:
                 env=env,
                 cwd=self.workdir,
             )
-        _wait_port(port, self._lakeproxy, log, "lakeproxy")
-        self.targets["lakeproxy"] = self._proxy_target("lakeproxy", port, self._lakeproxy.pid)
+        if name == "lakeproxy_session":
+            self._lakeproxy_session = proc
+        else:
+            self._lakeproxy = proc
+        _wait_port(port, proc, log, name)
+        self.targets[name] = self._proxy_target(name, port, proc.pid)
 
     # ------------------------------------------------------------------ helpers
 
@@ -438,8 +454,8 @@ class Stack:
 
     def proxy_log_tail(self, name: TargetName) -> str:
         """The end of a proxy's log, for error messages."""
-        if name == "lakeproxy":
-            return _tail(self.workdir / "lakeproxy.log")
+        if name in ("lakeproxy", "lakeproxy_session"):
+            return _tail(self.workdir / f"{name}.log")
         if name == "pgbouncer":
             return _tail(self.workdir / "pgbouncer" / "pgbouncer.log")
         return ""

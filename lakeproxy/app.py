@@ -201,10 +201,11 @@ def _same_upstream(
     old_config: Config, old: EndpointConfig, new_config: Config, new: EndpointConfig
 ) -> bool:
     """True when a reload leaves how ``old`` is reached unchanged (so its dialer and
-    cached credentials can be kept); ``database`` and ``listen`` do not matter here."""
+    cached credentials can be kept); ``database``, ``listen`` and ``pool_mode`` do not
+    matter here."""
     return old_config.databricks == new_config.databricks and (
-        dataclasses.replace(old, database="", listen=())
-        == dataclasses.replace(new, database="", listen=())
+        dataclasses.replace(old, database="", listen=(), pool_mode="off")
+        == dataclasses.replace(new, database="", listen=(), pool_mode="off")
     )
 
 

@@ -68,6 +68,17 @@ CREDENTIAL_KINDS: Final[tuple[str, ...]] = get_args(CredentialKind)
 CredentialResult = Literal["ok", "error"]
 CREDENTIAL_RESULTS: Final[tuple[str, ...]] = get_args(CredentialResult)
 
+#: ``result`` label of ``lakeproxy_pool_requests_total``.
+PoolResult = Literal["hit", "miss"]
+POOL_RESULTS: Final[tuple[str, ...]] = get_args(PoolResult)
+
+#: ``reason`` label of ``lakeproxy_pool_discards_total`` (SPEC "Session reuse").
+PoolDiscardReason = Literal[
+    "unclean", "reset_failed", "dead", "idle_timeout", "lifetime", "max_idle", "shutdown",
+    "reload",
+]
+POOL_DISCARD_REASONS: Final[tuple[str, ...]] = get_args(PoolDiscardReason)
+
 #: Buckets of ``lakeproxy_upstream_connect_seconds``: a warm endpoint answers in
 #: milliseconds, a cold start (scale-to-zero wake-up) takes seconds, and the
 #: default connect deadline is 60 s.
@@ -193,6 +204,27 @@ class Metrics:
             "minimum interval between mints.",
             registry=reg,
         )
+        self._pool_idle = Gauge(
+            "lakeproxy_pool_idle_sessions",
+            "Endpoint sessions parked for reuse right now (session reuse).",
+            registry=reg,
+        )
+        self._pool_requests = Counter(
+            "lakeproxy_pool_requests_total",
+            "Clients that looked for a parked endpoint session: hit (reused) or miss (dialed).",
+            ("result",),
+            registry=reg,
+        )
+        self._pool_discards = Counter(
+            "lakeproxy_pool_discards_total",
+            "Endpoint sessions closed instead of parked, or closed while parked, by reason.",
+            ("reason",),
+            registry=reg,
+        )
+        for result in POOL_RESULTS:
+            self._pool_requests.labels(result)
+        for reason in POOL_DISCARD_REASONS:
+            self._pool_discards.labels(reason)
         for outcome in OUTCOMES:
             self._connections.labels(outcome)
         for kind in CREDENTIAL_KINDS:
@@ -265,6 +297,28 @@ class Metrics:
     def upstream_retry(self) -> None:
         """Count one failed endpoint attempt that is being retried."""
         self._retries.inc()
+
+    # -- session reuse ----------------------------------------------------
+
+    def pool_idle(self, count: int) -> None:
+        """Set the number of parked endpoint sessions."""
+        self._pool_idle.set(count)
+
+    def pool_request(self, result: PoolResult) -> None:
+        """Count a client that looked for a parked session (``hit`` or ``miss``).
+
+        Raises:
+            ValueError: an unknown ``result``.
+        """
+        self._pool_requests.labels(_check(result, POOL_RESULTS, "result")).inc()
+
+    def pool_discard(self, reason: PoolDiscardReason) -> None:
+        """Count an endpoint session closed by the pool (not parked, or while parked).
+
+        Raises:
+            ValueError: ``reason`` is not one of :data:`POOL_DISCARD_REASONS`.
+        """
+        self._pool_discards.labels(_check(reason, POOL_DISCARD_REASONS, "reason")).inc()
 
     # -- credentials ------------------------------------------------------
 

@@ -29,6 +29,7 @@ from lakeproxy.fds import FDS_HEADROOM, free_fds
 from lakeproxy.listen import Acceptor, bind_tcp, bind_unix
 from lakeproxy.log import fields as log_fields
 from lakeproxy.metrics import Metrics
+from lakeproxy.pool import Pool
 from lakeproxy.readiness import not_ready_reason
 from lakeproxy.session import (
     ClientAuthenticator,
@@ -93,6 +94,11 @@ class ProxyServer:
         self._evicted = 0
         self._evicted_logged_at = -_EVICTION_LOG_INTERVAL
         self.cancels: CancelRegistry[Dialer] = CancelRegistry()
+        #: Parked endpoint sessions (used by endpoints with pool_mode "session").
+        self.pool = Pool(
+            idle_timeout=config.pool_idle_timeout, max_idle=config.pool_max_idle,
+            lifetime=config.pool_lifetime, max_total=config.max_clients, metrics=metrics,
+        )
         self.listening = False
         self.draining = False
         self.max_clients = config.max_clients
@@ -230,6 +236,16 @@ class ProxyServer:
         self._authenticator = authenticator
         self._tls_context = tls_context
         self._current = [self._hooks(ep) for ep in self.endpoints]
+        self.pool.configure(
+            idle_timeout=config.pool_idle_timeout, max_idle=config.pool_max_idle,
+            lifetime=config.pool_lifetime, max_total=config.max_clients,
+        )
+        # Parked sessions of a replaced dialer (endpoint or identity changed), or of
+        # an endpoint whose reuse was turned off, are closed now.
+        pooled = {id(ep.dialer) for ep in self.endpoints if ep.config.pool_mode == "session"}
+        dropped = self.pool.drop(lambda key: id(key[0]) in pooled, "reload")
+        if dropped:
+            log.info("reload: closed %d parked endpoint session(s)", dropped)
 
     def bound_port(self, index: int = 0) -> int:
         """Port of the ``index``-th TCP listener (useful when configured with port 0)."""
@@ -255,6 +271,9 @@ class ProxyServer:
         """
         self.draining = True
         await self.close_listeners()
+        parked = self.pool.close_all()
+        if parked:
+            log.info("shutting down: closed %d parked endpoint session(s)", parked)
         deadline = time.monotonic() + grace
         while self.sessions and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a set
             await asyncio.sleep(0.05)
@@ -287,6 +306,8 @@ class ProxyServer:
             tls_required=self.config.client_tls == "require",
             authenticator=self._authenticator,
             on_upstream_connected=m.upstream_connected,
+            pool=self.pool if cfg.pool_mode == "session" else None,
+            client_gone=self._client_gone,
             login_timeout=self.config.login_timeout,
             enter_login=self._enter_login,
             leave_login=self._leave_login,
@@ -336,6 +357,11 @@ class ProxyServer:
         self._clients.add(session)
         return None
 
+    def _client_gone(self, session: Session) -> None:
+        """A session's client left while its endpoint session is reset for reuse."""
+        self.sessions.discard(session)
+        self._clients.discard(session)
+
     def _not_ready_for_ping(self) -> str | None:
         # The ping is still in its pre-login phase: not one of the counted clients.
         return not_ready_reason(self)
@@ -362,6 +388,11 @@ class ProxyServer:
             values["sqlstate"] = r.sqlstate
         if r.error:
             values["error"] = r.error
+        if r.reused is not None:  # session reuse: where the endpoint session came from, went
+            values["reused"] = r.reused
+        if r.endpoint_session:
+            values["endpoint_session"] = r.endpoint_session
+            values["endpoint_session_reason"] = r.endpoint_session_reason
         log.log(level, "session end", extra=log_fields(**values))
 
 

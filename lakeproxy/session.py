@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol, cast
 
+from lakeproxy.boundaries import TrackedSplice
 from lakeproxy.cancel import CancelRegistry, CancelTarget
 from lakeproxy.errors import (
     ClientNotAllowed,
@@ -30,6 +31,7 @@ from lakeproxy.errors import (
     UpstreamRejected,
 )
 from lakeproxy.metrics import Outcome
+from lakeproxy.pool import Lease, Pool, pool_key, poolable
 from lakeproxy.splice import Splice, SpliceResult
 from lakeproxy.wire import sqlstate
 from lakeproxy.wire.client_handshake import (
@@ -67,6 +69,9 @@ LOGIN_TIMEOUT: Final = 15.0
 HANG_UP_POLL: Final = 0.25
 #: poll() events that mean the peer closed (FIN: POLLRDHUP, Linux) or reset the connection.
 _HANG_UP_EVENTS: Final = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+
+#: Pauses before dialing again after closing a parked session for room (53300).
+_ROOM_RETRIES: Final = (0.05, 0.1, 0.2, 0.4, 0.8)
 
 #: A TLS handshake record starts with this byte. A client using direct TLS (libpq
 #: 17+ ``sslnegotiation=direct``) opens with its ClientHello instead of an
@@ -157,6 +162,11 @@ class SessionHooks:
     tls_required: bool = False
     authenticator: Callable[[], ClientAuthenticator] | None = None
     on_upstream_connected: Callable[[float], None] = lambda seconds: None
+    #: Session reuse for this endpoint (None: pool_mode off, a pure splice).
+    pool: Pool | None = None
+    #: The client left and its endpoint session is being reset for the pool:
+    #: from now on it is no client (max_clients, readiness, drain).
+    client_gone: Callable[[Session], None] = lambda session: None
     #: The whole pre-login phase (SSL/GSS negotiation, startup, password) must
     #: end within this many seconds of the accept.
     login_timeout: float = LOGIN_TIMEOUT
@@ -179,6 +189,11 @@ class SessionRecord:
     bytes_down: int = 0
     started: float = field(default_factory=time.monotonic)
     error: str = ""
+    #: Session reuse: whether the endpoint session came from the pool, and how it
+    #: ended ("parked" or "closed", and why); empty with pool_mode off.
+    reused: bool | None = None
+    endpoint_session: str = ""
+    endpoint_session_reason: str = ""
 
 
 class _ClientGone(Exception):
@@ -321,6 +336,7 @@ class Session:
         self.task: asyncio.Task[None] | None = None
         self.connecting = False
         self.splice: Splice | None = None
+        self.resetting = False
         self.evicted = False
         #: Armed for the pre-login phase (LAKEPROXY_LOGIN_TIMEOUT), then disarmed.
         self._login_deadline = asyncio.timeout(None)
@@ -329,7 +345,9 @@ class Session:
 
     def close(self, *, abort: bool = False) -> None:
         """End this session from the proxy's side (shutdown)."""
-        if self.splice is not None:
+        if self.resetting and self.task is not None:
+            self.task.cancel()  # the client is gone; its endpoint session is being reset
+        elif self.splice is not None:
             if abort:
                 self.splice.abort()
             else:
@@ -461,17 +479,56 @@ class Session:
         params["database"] = database
         if conn.hung_up():  # before we paused reading: mint and dial for no one
             raise _ClientGone
+        key: tuple[object, ...] | None = None
+        pool = hooks.pool
+        if pool is not None and poolable(params):
+            key = pool_key(hooks.dialer, params, (startup.major, startup.minor))
+            lease = await pool.take(key)
+            self.record.reused = lease is not None
+            if lease is not None:
+                if conn.hung_up():
+                    pool.restore(lease)
+                    raise _ClientGone
+                await self._relay_startup(lease, lease)
+                return
         self.connecting = True
         started = loop.time()
         try:
-            upstream = await self._dial(params, deadline=started + hooks.connect_deadline)
+            deadline = started + hooks.connect_deadline
+            if key is None:
+                upstream = await self._dial(params, deadline=deadline)
+            else:
+                upstream = await self._dial_making_room(params, deadline=deadline)
         finally:
             self.connecting = False
         hooks.on_upstream_connected(loop.time() - started)
         if conn.hung_up():
             upstream.transport.abort()
             raise _ClientGone
-        await self._relay_startup(upstream)
+        new_lease = None
+        if key is not None:
+            # Its trailing bytes go to this client (below), never to a later one.
+            new_lease = Lease.from_login(upstream.transport, key, upstream.startup_messages)
+        await self._relay_startup(upstream, new_lease)
+
+    async def _dial_making_room(self, params: dict[str, str], *, deadline: float) -> Upstream:
+        """Dial; when the endpoint refuses for too many connections (53300) while
+        sessions of ours are parked there, close the longest-parked one and try
+        again: a parked session must never cost a client its login."""
+        pool = self.hooks.pool
+        for delay in _ROOM_RETRIES:
+            try:
+                return await self._dial(params, deadline=deadline)
+            except UpstreamRejected as exc:
+                loop = asyncio.get_running_loop()
+                if (exc.sqlstate != sqlstate.TOO_MANY_CONNECTIONS or pool is None
+                        or loop.time() + delay >= deadline or not pool.evict(self.hooks.dialer)):
+                    raise
+                log.info("session %s: endpoint at its connection limit; closed a parked "
+                         "session to make room", self.record.client)
+            # The endpoint frees the slot once the closed backend has exited.
+            await asyncio.sleep(delay)
+        return await self._dial(params, deadline=deadline)
 
     def _answer_ping(self, ev: StartupReceived) -> None:
         """Answer a ``pg_isready`` ping here: no credential, no dial.
@@ -585,7 +642,8 @@ class Session:
             if out:
                 self.transport.write(out)
 
-    async def _relay_startup(self, upstream: Upstream) -> None:
+    async def _relay_startup(self, upstream: Upstream, lease: Lease | None = None) -> None:
+        """Show the client its login, then splice (tracked when ``lease`` may be parked)."""
         hooks = self.hooks
         out = [encode(AuthenticationOk())]
         key: tuple[int, bytes] | None = None
@@ -604,7 +662,10 @@ class Session:
             if self.transport.is_closing():
                 raise _ClientGone
             self.transport.write(b"".join(out))
-            splice = Splice(self.transport, upstream.transport)
+            splice = (
+                Splice(self.transport, upstream.transport) if lease is None
+                else TrackedSplice(self.transport, upstream.transport)
+            )
             self.splice = splice
         except BaseException:
             upstream.transport.abort()
@@ -621,6 +682,38 @@ class Session:
             if key is not None:
                 hooks.cancels.unregister(*key)
         self._record_splice(result)
+        if lease is not None and isinstance(splice, TrackedSplice):
+            await self._park(splice, lease)
+
+    async def _park(self, splice: TrackedSplice, lease: Lease) -> None:
+        """After a pooled session: reset and park the endpoint session, or count it closed."""
+        pool = self.hooks.pool
+        r = self.record
+        r.endpoint_session = "closed"
+        if pool is None:  # pragma: no cover - a lease implies a pool
+            return
+        if not splice.parkable:
+            r.endpoint_session_reason = "unclean"
+            pool.count_unclean()
+            return
+        if splice.upstream_lost():
+            lease.transport.abort()
+            r.endpoint_session_reason = "dead"
+            pool.count_discard("dead")
+            return
+        self.resetting = True
+        # The client is gone: it no longer counts as one (max_clients, readiness,
+        # drain), while the reset takes its round trip.
+        self.hooks.client_gone(self)
+        try:
+            parked, reason = await pool.reset_and_park(lease, splice.status)
+        except asyncio.CancelledError:
+            r.endpoint_session_reason = "shutdown"  # the drain's deadline; the client was done
+            return
+        finally:
+            self.resetting = False
+        r.endpoint_session = "parked" if parked else "closed"
+        r.endpoint_session_reason = reason
 
     def _record_splice(self, result: SpliceResult) -> None:
         r = self.record

@@ -30,6 +30,7 @@ Adding a key: a field in :mod:`~lakeproxy.config.model`, its name in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tomllib
@@ -47,6 +48,9 @@ from lakeproxy.config.model import (
     DEFAULT_LOGIN_TIMEOUT,
     DEFAULT_MAX_CLIENTS,
     DEFAULT_PGPORT,
+    DEFAULT_POOL_IDLE_TIMEOUT,
+    DEFAULT_POOL_LIFETIME,
+    DEFAULT_POOL_MAX_IDLE,
     DEFAULT_SHUTDOWN_GRACE,
     DEFAULT_SSLMODE,
     PROVISIONED_KINDS,
@@ -58,6 +62,7 @@ from lakeproxy.config.model import (
     Listener,
     LogFormat,
     LogLevel,
+    PoolMode,
 )
 from lakeproxy.config.profiles import ProfileError, read_profile
 from lakeproxy.config.values import (
@@ -78,6 +83,7 @@ from lakeproxy.config.values import (
     as_log_level,
     as_pg_host,
     as_pg_port,
+    as_pool_mode,
     as_positive_int,
     as_secret,
     as_sslmode,
@@ -100,11 +106,13 @@ FILE_KEYS: Final[Mapping[str, tuple[str, ...]]] = {
         "listen", "admin_listen", "client_password", "tls_cert", "tls_key", "client_tls",
         "connect_deadline", "max_clients", "shutdown_grace", "log_format", "log_level",
         "allow_remote_trust", "login_timeout",
+        "pool_mode", "pool_idle_timeout", "pool_max_idle", "pool_lifetime",
     ),
     "endpoints": (
         "name", "instance", "host", "hostaddr", "port", "database", "user", "sslmode",
         "sslrootcert", "listen",
         "host_kind",
+        "pool_mode",
     ),
 }
 
@@ -126,6 +134,8 @@ ENV_VARS: Final[tuple[str, ...]] = (
     "LAKEPROXY_CONNECT_DEADLINE", "LAKEPROXY_MAX_CLIENTS", "LAKEPROXY_SHUTDOWN_GRACE",
     "LAKEPROXY_LOG_FORMAT", "LAKEPROXY_LOG_LEVEL", "LAKEPROXY_ALLOW_REMOTE_TRUST",
     "LAKEPROXY_LOGIN_TIMEOUT",
+    "LAKEPROXY_POOL_MODE", "LAKEPROXY_POOL_IDLE_TIMEOUT", "LAKEPROXY_POOL_MAX_IDLE",
+    "LAKEPROXY_POOL_LIFETIME",
 )
 
 #: Keys of the ``argv`` mapping :func:`load_config` accepts (argparse ``dest`` names).
@@ -370,6 +380,9 @@ class _Loader:
             log_format=proxy.log_format,
             log_level=proxy.log_level,
             allow_remote_trust=proxy.allow_remote_trust,
+            pool_idle_timeout=proxy.pool_idle_timeout,
+            pool_max_idle=proxy.pool_max_idle,
+            pool_lifetime=proxy.pool_lifetime,
             config_file=self.file_path,
             flags=tuple(flags),
             warnings=tuple(self.warnings),
@@ -782,6 +795,17 @@ class _Loader:
         allow_remote = self.parse(
             src("allow_remote_trust", "LAKEPROXY_ALLOW_REMOTE_TRUST", flag=True), as_bool, False
         )
+        pool_idle = self.parse(
+            src("pool_idle_timeout", "LAKEPROXY_POOL_IDLE_TIMEOUT"),
+            as_duration(positive=True), DEFAULT_POOL_IDLE_TIMEOUT,
+        )
+        pool_max_idle = self.parse(
+            src("pool_max_idle", "LAKEPROXY_POOL_MAX_IDLE"), as_positive_int, DEFAULT_POOL_MAX_IDLE
+        )
+        pool_lifetime = self.parse(
+            src("pool_lifetime", "LAKEPROXY_POOL_LIFETIME"),
+            as_duration(positive=True), DEFAULT_POOL_LIFETIME,
+        )
         return _Proxy(
             admin_listen=admin,
             client_password=password,
@@ -796,6 +820,9 @@ class _Loader:
             log_level=log_level,
             allow_remote_trust=allow_remote,
             admin_raw=admin_raw,
+            pool_idle_timeout=pool_idle,
+            pool_max_idle=pool_max_idle,
+            pool_lifetime=pool_lifetime,
         )
 
     # -- [[endpoints]] ---------------------------------------------------
@@ -818,6 +845,13 @@ class _Loader:
 
         out: list[EndpointConfig] = []
         seen: dict[tuple[str, str, int, str | None], int] = {}
+        # pool_mode: the environment, else the endpoint's table, else [proxy] (each
+        # parsed once, so a bad value is one problem however many endpoints).
+        pool_env = self.envvar("LAKEPROXY_POOL_MODE")
+        pool_default: PoolMode = self.parse(
+            self.pick(pool_env, self.fileval(proxy_table, "[proxy]", "pool_mode")),
+            as_pool_mode, "off",
+        )
         for index, table in enumerate(tables or [{}], 1):
             where = self.endpoint_where(index, len(tables))
             use_env = len(tables) <= 1
@@ -850,8 +884,13 @@ class _Loader:
                     and (lst.host, lst.port) == admin
                 ):
                     self.bad(proxy.admin_raw, f"{lst.describe()} is also a client listener")
+            pool_mode = pool_default
+            if pool_env is None:
+                pool_mode = self.parse(
+                    self.fileval(table, where, "pool_mode"), as_pool_mode, pool_default
+                )
             if ep is not None:
-                out.append(ep)
+                out.append(dataclasses.replace(ep, pool_mode=pool_mode))
         return tuple(out)
 
     def endpoint(
@@ -970,6 +1009,9 @@ class _Proxy:
     log_level: LogLevel
     allow_remote_trust: bool
     admin_raw: Raw | None
+    pool_idle_timeout: float = DEFAULT_POOL_IDLE_TIMEOUT
+    pool_max_idle: int = DEFAULT_POOL_MAX_IDLE
+    pool_lifetime: float = DEFAULT_POOL_LIFETIME
 
     @property
     def trusted(self) -> bool:

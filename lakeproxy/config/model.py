@@ -16,6 +16,7 @@ SslMode = Literal["require", "verify-ca", "verify-full"]
 ClientTls = Literal["off", "allow", "require"]
 LogFormat = Literal["text", "json"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+PoolMode = Literal["off", "session"]
 #: Which of the endpoint's hosts to use (SPEC "Endpoint hosts").
 HostKind = Literal["read_write", "read_only", "pooled", "read_only_pooled"]
 HOST_KINDS: Final[tuple[HostKind, ...]] = ("read_write", "read_only", "pooled", "read_only_pooled")
@@ -32,6 +33,10 @@ DEFAULT_MAX_CLIENTS: Final = 1000
 DEFAULT_SHUTDOWN_GRACE: Final = 30.0
 DEFAULT_LOGIN_TIMEOUT: Final = 15.0
 DEFAULT_UNIX_PORT: Final = 6432
+# Session reuse (SPEC "Session reuse").
+DEFAULT_POOL_IDLE_TIMEOUT: Final = 60.0
+DEFAULT_POOL_MAX_IDLE: Final = 10
+DEFAULT_POOL_LIFETIME: Final = 3600.0
 
 
 # --------------------------------------------------------------------------
@@ -90,6 +95,8 @@ class EndpointConfig:
     sslmode: SslMode = DEFAULT_SSLMODE
     sslrootcert: str = DEFAULT_SSLROOTCERT
     listen: tuple[Listener, ...] = (Listener("tcp", "127.0.0.1", 6432),)
+    #: Session reuse for this endpoint's clients (SPEC "Session reuse").
+    pool_mode: PoolMode = "off"
     #: ``(variable, source)`` for the values that were set: where a hint naming the
     #: variable should point instead (see :func:`name_sources`).
     sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
@@ -178,6 +185,10 @@ class Config:
     log_format: LogFormat = "text"
     log_level: LogLevel = "info"
     allow_remote_trust: bool = False
+    #: Bounds of parked sessions (session reuse): seconds, count per key, seconds.
+    pool_idle_timeout: float = DEFAULT_POOL_IDLE_TIMEOUT
+    pool_max_idle: int = DEFAULT_POOL_MAX_IDLE
+    pool_lifetime: float = DEFAULT_POOL_LIFETIME
     config_file: Path | None = None
     #: The command-line flags this config was loaded with (``argv`` items, plus
     #: ``config`` when a file was given explicitly), for :func:`reload_config`.

@@ -28,6 +28,7 @@ from lakeproxy.config.model import (
     Listener,
     LogFormat,
     LogLevel,
+    PoolMode,
     SslMode,
     is_loopback_host,
 )
@@ -278,6 +279,10 @@ def as_host_kind(raw: Raw) -> HostKind:
 
 def as_client_tls(raw: Raw) -> ClientTls:
     return cast(ClientTls, as_choice(get_args(ClientTls))(raw))
+
+
+def as_pool_mode(raw: Raw) -> PoolMode:
+    return cast(PoolMode, as_choice(get_args(PoolMode))(raw))
 
 
 def as_log_format(raw: Raw) -> LogFormat:

@@ -3,11 +3,14 @@
 * ``proxy`` (function): ``await proxy(emulator_or_env, warm=True, **overrides)``
   starts lakeproxy in-process in front of an :class:`Emulator` (its ``env()``)
   or an explicit environment, with ``overrides`` on top; every proxy started is
-  drained and closed after the test.
+  drained and closed after the test. With ``LAKEPROXY_TEST_POOL_MODE=session``
+  in the test run's environment every proxy starts with session reuse on (to
+  run the real-client suites against it).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Protocol
 
@@ -32,6 +35,9 @@ async def proxy() -> AsyncIterator[ProxyFactory]:
         source: Emulator | Mapping[str, str], /, *, warm: bool = True, **overrides: str
     ) -> Proxy:
         base = source.env() if isinstance(source, Emulator) else dict(source)
+        mode = os.environ.get("LAKEPROXY_TEST_POOL_MODE")
+        if mode:
+            base["LAKEPROXY_POOL_MODE"] = mode
         p = await start_proxy({**base, **overrides}, warm=warm)
         started.append(p)
         return p

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import procstat, report, run, splice_micro
+from benchmarks import pool, procstat, report, run, splice_micro
 
 
 def test_splice_micro_runs_and_writes_json(tmp_path: Path) -> None:
@@ -152,3 +152,18 @@ def test_splice_micro_restores_cpu_affinity() -> None:
         ]
     )
     assert os.sched_getaffinity(0) == before
+
+
+@pytest.mark.slow
+def test_session_reuse_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks.pool end to end on tiny sizes: all four paths, the counting relay."""
+    argv = ["--quick", "--duration", "1", "--rtt", "2", "--out", str(tmp_path), "--name", "p"]
+    assert pool.main(argv) == 0
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert set(doc["results"]) == {"direct", "pgbouncer", "lakeproxy", "lakeproxy_session"}
+    rt = doc["round_trips"]
+    # A fresh login opens an endpoint connection each time; reuse opens one for all.
+    assert rt["lakeproxy"]["new_endpoint_connections"] > rt["lakeproxy_session"][
+        "new_endpoint_connections"]
+    assert rt["lakeproxy_session"]["new_endpoint_connections"] == 1
+    assert (tmp_path / "p.md").read_text().startswith("# Session reuse benchmark")

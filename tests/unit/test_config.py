@@ -832,6 +832,64 @@ def test_example_names_every_env_var(var: str) -> None:
 
 
 # --------------------------------------------------------------------------
+# Session reuse
+
+
+def test_pool_defaults_off() -> None:
+    config = load()
+    assert [ep.pool_mode for ep in config.endpoints] == ["off"]
+    assert (config.pool_idle_timeout, config.pool_max_idle, config.pool_lifetime) == (
+        60.0, 10, 3600.0)
+
+
+def test_pool_settings_from_env() -> None:
+    config = load({**ENV, "LAKEPROXY_POOL_MODE": "session", "LAKEPROXY_POOL_IDLE_TIMEOUT": "5s",
+                   "LAKEPROXY_POOL_MAX_IDLE": "3", "LAKEPROXY_POOL_LIFETIME": "10m"})
+    assert [ep.pool_mode for ep in config.endpoints] == ["session"]
+    assert (config.pool_idle_timeout, config.pool_max_idle, config.pool_lifetime) == (
+        5.0, 3, 600.0)
+
+
+def test_pool_mode_per_endpoint_and_from_proxy_table(tmp_path: Path) -> None:
+    path = tmp_path / "pool.toml"
+    path.write_text(
+        '[proxy]\npool_mode = "session"\npool_max_idle = 4\n'
+        '[[endpoints]]\nname = "projects/p/branches/b/endpoints/a"\nlisten = "127.0.0.1:7001"\n'
+        '[[endpoints]]\nname = "projects/p/branches/b/endpoints/b"\nlisten = "127.0.0.1:7002"\n'
+        'pool_mode = "off"\n'
+    )
+    config = load({"DATABRICKS_HOST": ENV["DATABRICKS_HOST"],
+                   "DATABRICKS_CLIENT_ID": "c", "DATABRICKS_CLIENT_SECRET": SECRET}, path)
+    assert [ep.pool_mode for ep in config.endpoints] == ["session", "off"]
+    assert config.pool_max_idle == 4
+    env_wins = load({"DATABRICKS_HOST": ENV["DATABRICKS_HOST"], "DATABRICKS_CLIENT_ID": "c",
+                     "DATABRICKS_CLIENT_SECRET": SECRET, "LAKEPROXY_POOL_MODE": "off"}, path)
+    assert [ep.pool_mode for ep in env_wins.endpoints] == ["off", "off"]
+
+
+def test_pool_bad_values_are_named() -> None:
+    found = problems({**ENV, "LAKEPROXY_POOL_MODE": "transaction",
+                      "LAKEPROXY_POOL_MAX_IDLE": "0", "LAKEPROXY_POOL_IDLE_TIMEOUT": "soon"})
+    assert len(found) == 3
+    assert any(p.startswith("LAKEPROXY_POOL_MODE=transaction (environment):") for p in found)
+    assert any(p.startswith("LAKEPROXY_POOL_MAX_IDLE=0 (environment):") for p in found)
+    assert any(p.startswith("LAKEPROXY_POOL_IDLE_TIMEOUT=soon (environment):") for p in found)
+
+
+def test_pool_bad_mode_in_a_file_is_one_problem(tmp_path: Path) -> None:
+    path = tmp_path / "pool.toml"
+    path.write_text(
+        '[proxy]\npool_mode = "statement"\n'
+        '[[endpoints]]\nname = "projects/p/branches/b/endpoints/a"\nlisten = "127.0.0.1:7001"\n'
+        '[[endpoints]]\nname = "projects/p/branches/b/endpoints/b"\nlisten = "127.0.0.1:7002"\n'
+    )
+    found = problems({"DATABRICKS_HOST": ENV["DATABRICKS_HOST"], "DATABRICKS_CLIENT_ID": "c",
+                      "DATABRICKS_CLIENT_SECRET": SECRET}, path)
+    assert len(found) == 1
+    assert "[proxy] pool_mode" in found[0]
+
+
+# --------------------------------------------------------------------------
 # The proxy's own LAKEBASE_* names win over the PG* names its clients read (#11.1)
 
 #: key -> (LAKEBASE_* value, PG* value, what the LAKEBASE_* one gives, what PG* alone gives)

@@ -22,7 +22,7 @@ FLOORS: list[tuple[str, ...]] = [
      "lakeproxy.listen"),
     ("lakeproxy.retry", "lakeproxy.client_auth", "lakeproxy.auth"),
     ("lakeproxy.upstream",),
-    ("lakeproxy.splice", "lakeproxy.session"),
+    ("lakeproxy.splice", "lakeproxy.boundaries", "lakeproxy.pool", "lakeproxy.session"),
     ("lakeproxy.server", "lakeproxy.admin"),
     ("lakeproxy.app",),
     ("lakeproxy.cli", "lakeproxy.check", "lakeproxy.demo", "lakeproxy.__main__",
