@@ -71,7 +71,8 @@ async def main(n: int, blocks: int) -> None:
     server = await loop.create_server(_Counting, "127.0.0.1", 0, backlog=1024)
     server_port = int(server.sockets[0].getsockname()[1])
     socks = await bind_tcp("127.0.0.1", 0)
-    acceptor = Acceptor(socks[0], _Counting, refusal=b"", on_exhausted=lambda exc: None)
+    acceptor = Acceptor(socks[0], lambda _addr: _Counting(), refusal=b"",
+                        on_exhausted=lambda exc: None)
     acceptor_port = int(socks[0].getsockname()[1])
     kinds: dict[str, int] = {"create_server": server_port, "Acceptor": acceptor_port}
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}

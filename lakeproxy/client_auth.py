@@ -8,9 +8,13 @@ salted keys are derived once at start-up, never per connection.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
 from dataclasses import dataclass, field
 
 from scramp import ScramException, ScramMechanism
+from scramp.utils import saslprep
 
 from lakeproxy.errors import ClientAuthFailed, ClientProtocolError
 from lakeproxy.wire.client_handshake import PasswordReceived
@@ -26,6 +30,8 @@ from lakeproxy.wire.codec import (
 
 MECHANISM = "SCRAM-SHA-256"
 ITERATIONS = 4096
+#: Bytes of salt, as PostgreSQL's SCRAM_DEFAULT_SALT_LEN.
+SALT_LENGTH = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,11 +44,36 @@ class ScramVerifier:
     iterations: int
 
     @classmethod
-    def from_password(cls, password: str) -> ScramVerifier:
-        salt, stored, server, iterations = ScramMechanism(MECHANISM).make_auth_info(
-            password, iteration_count=ITERATIONS
-        )
-        return cls(salt, stored, server, iterations)
+    def from_password(cls, password: str, *, salt: bytes | None = None) -> ScramVerifier:
+        """Derive the verifier as PostgreSQL does (``scram_build_secret``).
+
+        Any password is accepted: one that SASLprep refuses is used as its raw
+        bytes (see :func:`password_bytes`). ``salt`` defaults to 16 random bytes.
+        """
+        if salt is None:
+            salt = secrets.token_bytes(SALT_LENGTH)
+        salted = hashlib.pbkdf2_hmac("sha256", password_bytes(password), salt, ITERATIONS)
+        client_key = hmac.digest(salted, b"Client Key", "sha256")
+        stored = hashlib.sha256(client_key).digest()
+        server = hmac.digest(salted, b"Server Key", "sha256")
+        return cls(salt, stored, server, ITERATIONS)
+
+
+def password_bytes(password: str) -> bytes:
+    """The bytes SCRAM salts for ``password``, as PostgreSQL and libpq choose them.
+
+    Both SASLprep the password (RFC 4013) and, when it is not valid UTF-8 or
+    SASLprep refuses it (a control character, a bidi mix, an unassigned code
+    point, ...), use the password as it is (PostgreSQL auth-scram.c,
+    ``pg_be_scram_build_secret``; libpq fe-auth-scram.c). A value read from the
+    environment that is not valid UTF-8 holds its bytes as surrogate escapes:
+    those bytes are used.
+    """
+    try:
+        prepared: str = saslprep(password)
+        return prepared.encode("utf-8")
+    except (ScramException, UnicodeEncodeError):
+        return password.encode("utf-8", "surrogateescape")
 
 
 class ScramAuthenticator:

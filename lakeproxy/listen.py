@@ -38,7 +38,11 @@ EXHAUSTED_PAUSE: Final = 0.1
 
 BACKLOG: Final = 1024
 
-ProtocolFactory = Callable[[], asyncio.Protocol]
+#: Builds the protocol of one accepted connection from the address ``accept()``
+#: returned: the only record of a client that reset the connection at once
+#: (``getpeername()`` then fails with ENOTCONN, and uvloop's transports read
+#: the peer name lazily, after ``accept()``).
+ProtocolFactory = Callable[[object], asyncio.Protocol]
 
 
 async def bind_tcp(host: str, port: int) -> list[socket.socket]:
@@ -136,7 +140,7 @@ class Acceptor:
     def _on_readable(self) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, _ = self.sock.accept()
+                conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
@@ -149,13 +153,13 @@ class Acceptor:
                 log.error("accept failed on %s: %s", _name(self.sock), exc)
                 return
             conn.setblocking(False)
-            task = self._loop.create_task(self._serve(conn))
+            task = self._loop.create_task(self._serve(conn, addr))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, conn: socket.socket) -> None:
+    async def _serve(self, conn: socket.socket, addr: object) -> None:
         try:
-            await self._loop.connect_accepted_socket(self._factory, conn)
+            await self._loop.connect_accepted_socket(lambda: self._factory(addr), conn)
         except OSError as exc:  # e.g. reset before the transport was made
             log.debug("accepted connection lost at once: %s", exc)
             conn.close()

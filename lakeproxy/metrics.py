@@ -198,6 +198,12 @@ class Metrics:
             ("kind",),
             registry=reg,
         )
+        self._remints_limited = Counter(
+            "lakeproxy_credential_remints_limited_total",
+            "Re-mints of a database credential the endpoint refused that waited for the "
+            "minimum interval between mints.",
+            registry=reg,
+        )
         self._pool_idle = Gauge(
             "lakeproxy_pool_idle_sessions",
             "Endpoint sessions parked for reuse right now (session reuse).",
@@ -330,6 +336,10 @@ class Metrics:
             _check(kind, CREDENTIAL_KINDS, "kind"),
             _check(result, CREDENTIAL_RESULTS, "result"),
         ).inc()
+
+    def credential_remint_limited(self) -> None:
+        """Count one re-mint held back by the minimum interval between mints."""
+        self._remints_limited.inc()
 
     def credential_expiry(self, kind: CredentialKind, expires_wall: float) -> None:
         """Record when the credential of ``kind`` now held expires.

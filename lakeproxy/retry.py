@@ -15,9 +15,14 @@ Retried (the endpoint may be waking from scale-to-zero):
 Never retried: certificate or host-name verification failures (a retry cannot
 fix them and it would hide an attack), any error whose text says ``does not
 exist`` (or ``cannot be found`` / ``is disabled`` / ``quota``), other TLS
-errors, and everything unknown. Auth failures (28P01, 28000, and the front
-door's XX000 "password authentication failed") are their own kind: the caller
-retries once with a fresh credential (:func:`classify_login_error`).
+errors, and everything unknown. Password failures (28P01, a 28000 whose text
+says the password or token was refused, and the front door's XX000 "password
+authentication failed") are their own kind: the caller retries once with a
+fresh credential (:func:`classify_login_error`). Every other 28000 (e.g. "no
+pg_hba.conf entry for replication connection") is the endpoint's final answer
+about the client's startup, not about the credential: it is forwarded and the
+credential is kept (a client must not be able to make the proxy mint one per
+connection).
 
 Facts about the front door come from Neon's proxy (neondatabase/neon,
 ``proxy/src``), which Lakebase autoscaling endpoints are built on: every error it
@@ -37,6 +42,7 @@ from __future__ import annotations
 import enum
 import errno
 import random
+import re
 import socket
 import ssl
 from collections.abc import Callable
@@ -49,6 +55,7 @@ from lakeproxy.wire import sqlstate
 __all__ = [
     "DEFAULT_POLICY",
     "FRONT_DOOR_NOT_YET",
+    "PASSWORD_REFUSED_28000",
     "LoginErrorKind",
     "RetryPolicy",
     "classify_login_error",
@@ -74,15 +81,28 @@ FRONT_DOOR_NOT_YET: Final = (
 NEVER_RETRY: Final = ("does not exist", "cannot be found", "is disabled", "quota")
 #: The front door reports a wrong password as XX000 with this text.
 _FRONT_DOOR_AUTH: Final = "password authentication failed"
+#: Lower-cased fragments of a 28000 text that mean "your password (token) was
+#: refused". PostgreSQL sends its own password failures as 28P01
+#: ("password authentication failed for user ..."); 28000 is what it sends
+#: for everything else about who may log in (no pg_hba.conf entry, role not
+#: permitted to log in, ...), so only these texts make a 28000 a password
+#: failure. Databricks' docs do not list the endpoint's wording for a refused
+#: OAuth token; these cover PostgreSQL's and Neon's texts ("password
+#: authentication failed", "invalid password", "... token ... expired").
+PASSWORD_REFUSED_28000: Final = (
+    "password authentication failed",
+    "invalid password",
+    "password is invalid",
+    "token",
+    "credential",
+)
+
+_QUOTED: Final = re.compile(r'"(?:[^"]|"")*"')
 
 _RETRY_SQLSTATES: Final = frozenset({
     sqlstate.CANNOT_CONNECT_NOW,  # 57P03
     sqlstate.ADMIN_SHUTDOWN,  # 57P01
     "57P02",  # crash_shutdown
-})
-_AUTH_SQLSTATES: Final = frozenset({
-    sqlstate.INVALID_PASSWORD,  # 28P01
-    sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,  # 28000
 })
 _RETRY_ERRNOS: Final = frozenset({
     errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT,
@@ -95,7 +115,7 @@ class LoginErrorKind(enum.Enum):
     """How to treat an ErrorResponse the endpoint sent during login."""
 
     RETRY = "retry"  # "not yet": try again after a backoff
-    AUTH = "auth"  # the credential was refused: retry once with a fresh one
+    AUTH = "auth"  # the password (credential) was refused: retry once with a fresh one
     FINAL = "final"  # forward it to the client unchanged
 
 
@@ -103,13 +123,22 @@ def classify_login_error(code: str, message: str) -> LoginErrorKind:
     """Classify a login ErrorResponse by its SQLSTATE ``code`` and ``message``.
 
     ``does not exist`` (and the other :data:`NEVER_RETRY` texts) win over
-    everything else, so "role ... does not exist" (28000) is FINAL.
+    everything else, so "role ... does not exist" (28000) is FINAL. AUTH is a
+    password failure only: 28P01, or a 28000 whose text says the password or
+    token was refused (:data:`PASSWORD_REFUSED_28000`); any other 28000 is FINAL.
     """
     text = message.lower()
     if any(fragment in text for fragment in NEVER_RETRY):
         return LoginErrorKind.FINAL
-    if code in _AUTH_SQLSTATES:
+    if code == sqlstate.INVALID_PASSWORD:
         return LoginErrorKind.AUTH
+    if code == sqlstate.INVALID_AUTHORIZATION_SPECIFICATION:
+        # Names are quoted in these texts (user "x", database "y"): a role
+        # called "token" must not turn a pg_hba refusal into a password failure.
+        unquoted = _QUOTED.sub('""', text)
+        if any(fragment in unquoted for fragment in PASSWORD_REFUSED_28000):
+            return LoginErrorKind.AUTH
+        return LoginErrorKind.FINAL
     if code == sqlstate.INTERNAL_ERROR:
         if text.startswith(_FRONT_DOOR_AUTH):
             return LoginErrorKind.AUTH
@@ -129,7 +158,7 @@ def classify_login_error(code: str, message: str) -> LoginErrorKind:
 
 
 def is_auth_failure(exc: BaseException) -> bool:
-    """True when ``exc`` is the endpoint refusing the credential."""
+    """True when ``exc`` is the endpoint refusing the credential as a password."""
     return (isinstance(exc, UpstreamRejected)
             and classify_login_error(exc.sqlstate, exc.client_message) is LoginErrorKind.AUTH)
 

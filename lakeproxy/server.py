@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import resource
@@ -30,7 +31,14 @@ from lakeproxy.log import fields as log_fields
 from lakeproxy.metrics import Metrics
 from lakeproxy.pool import Pool
 from lakeproxy.readiness import not_ready_reason
-from lakeproxy.session import ClientAuthenticator, ClientProtocol, Dialer, Session, SessionHooks
+from lakeproxy.session import (
+    ClientAuthenticator,
+    ClientProtocol,
+    Dialer,
+    Session,
+    SessionHooks,
+    format_peer,
+)
 from lakeproxy.wire import sqlstate
 from lakeproxy.wire.codec import encode, error_response
 
@@ -147,20 +155,26 @@ class ProxyServer:
         try:
             for index, ep in enumerate(self.endpoints):
 
-                def factory(index: int = index) -> ClientProtocol:
+                def factory(addr: object, unix: bool, index: int = index) -> ClientProtocol:
                     self.metrics.session_started()
                     # Looked up per connection, so a reload applies to new clients.
                     hooks = self._current[index]
-                    return ClientProtocol(hooks, self.sessions, self._session_finished)
+                    # The address accept() returned: a client that reset at once
+                    # has no peer name any more. Unix listeners are exempt from
+                    # client TLS require (libpq never uses TLS there).
+                    return ClientProtocol(hooks, self.sessions, self._session_finished,
+                                          peer="unix" if unix else format_peer(addr), unix=unix)
 
                 for listener in ep.config.listen:
                     try:
                         socks = await self._bind(listener)
                     except OSError as exc:
                         raise bind_error(f"cannot listen on {listener.describe()}", exc) from exc
+                    unix = listener.kind == "unix"
                     for sock in socks:
                         self._acceptors.append(Acceptor(
-                            sock, factory, refusal=_FD_REFUSAL, on_exhausted=self._fd_exhausted,
+                            sock, functools.partial(factory, unix=unix),
+                            refusal=_FD_REFUSAL, on_exhausted=self._fd_exhausted,
                         ))
                     self.open_listeners.append(_as_bound(listener, socks))
         except BaseException:

@@ -23,6 +23,7 @@ from typing import Final, Protocol, cast
 from lakeproxy.boundaries import TrackedSplice
 from lakeproxy.cancel import CancelRegistry, CancelTarget
 from lakeproxy.errors import (
+    ClientNotAllowed,
     ClientProtocolError,
     LakeproxyError,
     ShuttingDown,
@@ -215,9 +216,19 @@ class ClientProtocol(asyncio.Protocol):
     """Owns the accepted transport until the splice takes it over."""
 
     def __init__(
-        self, hooks: SessionHooks, registry: set[Session], on_finished: Callable[[Session], None]
+        self,
+        hooks: SessionHooks,
+        registry: set[Session],
+        on_finished: Callable[[Session], None],
+        *,
+        peer: str | None = None,
+        unix: bool = False,
     ) -> None:
         self._hooks = hooks
+        #: The client's address as accept() gave it (None: ask the transport).
+        self.peer = peer
+        #: Accepted on a unix-socket listener (never subject to client TLS ``require``).
+        self.unix = unix
         self._registry = registry
         self._on_finished = on_finished
         self.handshake = ClientHandshake()
@@ -318,8 +329,10 @@ class Session:
         self.conn = conn
         self.hooks = hooks
         self.transport = transport
-        peer = self.transport.get_extra_info("peername")
-        self.record = SessionRecord(client=_format_peer(peer))
+        peer = conn.peer
+        if peer is None:
+            peer = format_peer(self.transport.get_extra_info("peername"))
+        self.record = SessionRecord(client=peer)
         self.task: asyncio.Task[None] | None = None
         self.connecting = False
         self.splice: Splice | None = None
@@ -375,6 +388,11 @@ class Session:
             self.record.error = "login timeout"
             self.transport.abort()
         except ProtocolError as exc:
+            if not exc.reply:  # as PostgreSQL: logged (session end), no answer
+                self.record.outcome = "client_error"
+                self.record.error = str(exc)
+                self.transport.close()
+                return
             self._fail(ClientProtocolError(str(exc), sqlstate=exc.sqlstate))
         except LakeproxyError as exc:
             self._fail(exc)
@@ -440,12 +458,13 @@ class Session:
                     return
                 break
             raise ClientProtocolError(f"unexpected {type(ev).__name__} before startup")
-        if hooks.tls_required and not tls_on:
-            raise LakeproxyError(
-                "TLS required",
+        # libpq never uses TLS on a unix socket: require applies to TCP only.
+        if hooks.tls_required and not tls_on and not conn.unix:
+            # The client's error (outcome client_error, logged at INFO), not ours.
+            raise ClientNotAllowed(
+                "plaintext client refused: LAKEPROXY_CLIENT_TLS=require",
                 client_message="lakeproxy: this proxy requires an encrypted connection",
                 hint="connect with sslmode=require (or stronger)",
-                sqlstate=sqlstate.INVALID_AUTHORIZATION_SPECIFICATION,
             )
         startup = ev.message
         database = startup.params.get("database") or hooks.default_database
@@ -802,7 +821,8 @@ _OUTCOME_BY_KIND: Final[dict[str, Outcome]] = {
 }
 
 
-def _format_peer(peer: object) -> str:
+def format_peer(peer: object) -> str:
+    """``host:port`` (``[v6]:port``) of a socket address, else ``unix``."""
     if isinstance(peer, tuple) and len(peer) >= 2:
         host, port = peer[0], peer[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

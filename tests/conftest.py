@@ -125,6 +125,7 @@ def _reset(emu: Emulator) -> None:
     if emu.frontdoor.state != "ACTIVE":
         emu.frontdoor.resume()
     emu.frontdoor.wakes = emu.frontdoor.connections = emu.frontdoor.logins = 0
+    emu.frontdoor.passwords = 0
 
 
 @pytest.fixture(autouse=True)

@@ -9,13 +9,18 @@ Each credential lives in a :class:`_Slot`:
   request (single-flight), each waiting no longer than its own deadline;
 * retryable failures are retried with exponential backoff and full jitter,
   honouring ``Retry-After``, as long as a waiter's deadline or the current
-  credential's expiry leaves room; a final refusal reaches waiters at once.
+  credential's expiry leaves room; a final refusal reaches waiters at once;
+* a database credential dropped because the endpoint refused it
+  (:meth:`CachedCredentials.invalidate`) is minted again at most once every
+  :data:`MIN_REMINT_INTERVAL` seconds, whatever clients do: a re-mint asked
+  for sooner waits for the interval (single-flight, so one wait for all).
 
 Metrics hooks are plain callables so this module imports no metrics library:
 ``on_request(kind, result)`` once per API request, with ``kind`` one of
 ``"oauth"``, ``"database"``, ``"endpoint"`` and ``result`` one of ``"ok"``,
 ``"error"`` (retryable) and ``"refused"`` (final); ``on_credential(kind,
-expires_wall)`` whenever a new credential is cached.
+expires_wall)`` whenever a new credential is cached; ``on_remint_limited(kind,
+seconds)`` whenever a re-mint waits ``seconds`` for the minimum interval.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ T = TypeVar("T")
 
 RequestObserver = Callable[[str, str], None]
 CredentialObserver = Callable[[str, float], None]
+RemintObserver = Callable[[str, float], None]
 
 KIND_OAUTH: Final = "oauth"
 KIND_DATABASE: Final = "database"
@@ -53,6 +59,11 @@ RESULT_REFUSED: Final = "refused"
 #: A background refresh that was refused (e.g. the secret was revoked) is
 #: retried this often while the current credential lasts.
 _REFUSED_RETRY_DELAY: Final = 10.0
+
+#: Least seconds between two mints of the database credential when the second
+#: one replaces a credential the endpoint refused (SPEC: "never minted more
+#: often than once every few seconds per endpoint, whatever clients do").
+MIN_REMINT_INTERVAL: Final = 3.0
 
 _DESCRIPTION: Final = {
     KIND_OAUTH: "workspace OAuth token",
@@ -123,6 +134,8 @@ class _Slot:
         backoff: Callable[[], Iterator[float]],
         on_credential: CredentialObserver | None,
         depends_on: _Slot | None = None,
+        min_remint_interval: float = 0.0,
+        on_remint_limited: RemintObserver | None = None,
     ) -> None:
         self.kind = kind
         self.depends_on = depends_on
@@ -137,6 +150,11 @@ class _Slot:
         self._timer: asyncio.TimerHandle | None = None
         self._deadlines: list[float] = []  # of callers waiting on _task
         self._closed = False
+        self._min_remint_interval = min_remint_interval
+        self._on_remint_limited = on_remint_limited
+        #: loop time the last credential was stored; whether it was dropped as refused.
+        self._stored_at: float | None = None
+        self._dropped = False
 
     async def get(self, deadline: float) -> Credential:
         """A usable credential; see CredentialProvider.get for the contract."""
@@ -175,6 +193,7 @@ class _Slot:
         if self.current is not None and self.current.token == cred.token:
             log.info("%s was refused; dropping it", _DESCRIPTION[self.kind])
             self.current = None
+            self._dropped = True
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
@@ -216,11 +235,24 @@ class _Slot:
             horizon = max(horizon, self.current.expires_at)
         return horizon
 
+    def _remint_wait(self, now: float) -> float:
+        """Seconds a re-mint after a refusal must still wait (0: none)."""
+        if not self._dropped or self._stored_at is None:
+            return 0.0
+        return max(0.0, self._stored_at + self._min_remint_interval - now)
+
     async def _refresh(self) -> Credential:
         loop = asyncio.get_running_loop()
         delays = self._backoff()
         what = _DESCRIPTION[self.kind]
         try:
+            wait = self._remint_wait(loop.time())
+            if wait > 0:
+                log.info("%s refused again %.1fs after it was minted: the next one is minted "
+                         "in %.1fs (at most one every %.0fs)", what,
+                         self._min_remint_interval - wait, wait, self._min_remint_interval)
+                _safe_call(self._on_remint_limited, self.kind, wait)
+                await asyncio.sleep(wait)
             while True:
                 # Not bounded by the horizon: a waiter joining later (with a
                 # later deadline) must not see a nearly done request cut off.
@@ -257,6 +289,8 @@ class _Slot:
         self.current = cred
         self.last_error = None
         self.last_ok = True
+        self._stored_at = asyncio.get_running_loop().time()
+        self._dropped = False
         if math.isfinite(cred.expires_wall):
             log.debug(
                 "new %s, valid for %.0fs", _DESCRIPTION[self.kind], cred.expires_wall - time.time()
@@ -296,8 +330,10 @@ class CachedCredentials:
         *,
         on_request: RequestObserver | None = None,
         on_credential: CredentialObserver | None = None,
+        on_remint_limited: RemintObserver | None = None,
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
+        min_remint_interval: float = MIN_REMINT_INTERVAL,
     ) -> None:
         self._api = api
         self._on_request = on_request
@@ -313,6 +349,7 @@ class CachedCredentials:
         self._database = _Slot(
             KIND_DATABASE, self._fetch_database, request_timeout=api.request_timeout,
             backoff=backoff, on_credential=on_credential, depends_on=self._oauth,
+            min_remint_interval=min_remint_interval, on_remint_limited=on_remint_limited,
         )
         self._hosts: dict[str, str] = {}
         self._identity: asyncio.Task[str] | None = None
@@ -336,7 +373,8 @@ class CachedCredentials:
         return await self._oauth.get(deadline)
 
     def invalidate(self, cred: Credential) -> None:
-        """The endpoint refused ``cred``: the next get() returns a newer credential."""
+        """The endpoint refused ``cred``: the next get() returns a newer credential
+        (minted no sooner than ``min_remint_interval`` after ``cred``)."""
         self._database.invalidate(cred)
 
     def ready(self) -> bool:

@@ -173,13 +173,15 @@ class Fault:
 
 @dataclass(frozen=True, slots=True)
 class RecordedRequest:
-    """A request as received (headers without Authorization; body kept)."""
+    """A request as received (headers without Authorization; body kept) and when."""
 
     method: str
     path: str
     content_type: str
     body: bytes = field(repr=False)
     authorization_scheme: str
+    #: ``time.monotonic()`` when the request arrived.
+    at: float = field(default_factory=time.monotonic, compare=False)
 
 
 class FakeWorkspace:

@@ -185,6 +185,8 @@ class FrontDoor:
         self.connections = 0
         #: logins that reached the compute; current sessions.
         self.logins = 0
+        #: password messages received (a credential reached the front door).
+        self.passwords = 0
         self.host = "127.0.0.1"
         self.port = 0
         self._ctx = tls.server_context()
@@ -463,6 +465,7 @@ class FrontDoor:
             frame = await _read_frame(reader, frames)
         if frame[:1] != b"p":
             raise _Reject(S.PROTOCOL_VIOLATION, "expected a password message")
+        self.passwords += 1
         msg = codec.decode_password(frame, codec.PasswordKind.PASSWORD)
         assert isinstance(msg, codec.PasswordMessage)  # noqa: S101  (PASSWORD kind)
         password = msg.password.decode("utf-8", "replace")

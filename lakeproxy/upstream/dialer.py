@@ -291,7 +291,12 @@ def build_dialer(
         if metrics is not None and kind in ("oauth", "database"):
             metrics.credential_expiry(kind, expires_wall)  # type: ignore[arg-type]
 
+    def on_remint_limited(kind: str, seconds: float) -> None:
+        if metrics is not None:
+            metrics.credential_remint_limited()
+
     creds = CachedCredentials(
-        make_api(config.databricks, endpoint), on_request=on_request, on_credential=on_credential
+        make_api(config.databricks, endpoint), on_request=on_request,
+        on_credential=on_credential, on_remint_limited=on_remint_limited,
     )
     return EndpointDialer(endpoint, creds, metrics=metrics, sources=config.sources)

@@ -25,8 +25,9 @@ class UpstreamTarget:
     ``host``: the name sent as SNI (Lakebase routes on it; Python's ssl sends
     no SNI for an IP literal) and checked against the certificate;
     ``hostaddr``: an IP address to dial instead of resolving ``host`` (libpq's
-    LAKEBASE_HOSTADDR); ``sslmode``: ``require`` (encrypt only),
-    ``verify-ca`` (chain) or ``verify-full`` (chain and host name).
+    LAKEBASE_HOSTADDR); ``sslmode``: ``require`` (encrypt; with a CA file also
+    the chain, as libpq does), ``verify-ca`` (chain) or ``verify-full`` (chain
+    and host name).
     """
 
     host: str
@@ -68,8 +69,10 @@ def make_ssl_context(
     ``sslrootcert`` is a CA bundle file, or ``system`` for the system CAs. The
     CAs are loaded into memory once: no CA directory is searched during
     handshakes (``ssl.create_default_context()`` installs a lazily searched
-    directory that OpenSSL 3 re-reads on every handshake). ``require`` loads no
-    CA and checks nothing but still encrypts.
+    directory that OpenSSL 3 re-reads on every handshake). ``require`` with a
+    CA file checks the chain but not the host name (libpq's rule: a root
+    certificate file makes ``require`` behave as ``verify-ca``); ``require``
+    with ``system`` checks nothing but still encrypts.
 
     Raises:
         ConfigError: unknown ``sslmode``, or no CA could be loaded.
@@ -117,10 +120,15 @@ def _build_ssl_context(sslmode: str, sslrootcert: str, groups: TlsGroups) -> ssl
     # gets OpenSSL's default list instead (EndpointDialer.connect).
     if groups == "p256":
         ctx.set_ecdh_curve(UPSTREAM_TLS_GROUP)
-    if sslmode == "require":
+    if sslmode == "require" and sslrootcert == "system":
+        # libpq: require without a root certificate file encrypts only.
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         return ctx
+    # libpq (fe-secure-openssl.c): "If the root cert file exists, the behavior
+    # of sslmode=require will be the same as that of verify-ca": the chain is
+    # checked, the host name is not. Sending the credential to an endpoint the
+    # given CA did not sign would give it away.
     ctx.check_hostname = sslmode == "verify-full"
     ctx.verify_mode = ssl.CERT_REQUIRED
     if sslrootcert == "system":

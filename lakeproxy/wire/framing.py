@@ -23,8 +23,9 @@ class FrameReader:
     ``tagged=True``: tag byte + Int32 length incl. itself (at least 4).
     ``max_length`` bounds the length field; a longer (or impossible) length
     raises ProtocolError as soon as the header is buffered, before any body
-    byte is awaited. The error is sticky: the bad header stays buffered, so
-    calling ``next_frame()`` again raises again.
+    byte is awaited (for a startup packet with ``reply=False``: PostgreSQL
+    closes such a connection silently). The error is sticky: the bad header
+    stays buffered, so calling ``next_frame()`` again raises again.
 
     Usage: ``feed(data)``; then ``next_frame()`` returns one whole frame
     (header included) or ``None`` when more bytes are needed; ``set_mode()``
@@ -70,12 +71,19 @@ class FrameReader:
             if len(buf) < 4:
                 return None
             length = int.from_bytes(buf[:4], "big")
+            # PostgreSQL (postmaster.c, ProcessStartupPacket) closes the
+            # connection without a reply here: the peer may not speak the
+            # protocol at all (node-postgres sends Terminate, 'X\0\0\0\4',
+            # before its startup when a client ends before connecting).
             if length > self._max_length:
                 raise ProtocolError(
-                    f"startup packet of {length} bytes exceeds the {self._max_length}-byte limit"
+                    f"invalid length of startup packet ({length} bytes, more than "
+                    f"{self._max_length})", reply=False,
                 )
             if length < _MIN_UNTAGGED:
-                raise ProtocolError("invalid length of startup packet")
+                raise ProtocolError(
+                    f"invalid length of startup packet ({length} bytes)", reply=False
+                )
             size = length
         if len(buf) < size:
             return None

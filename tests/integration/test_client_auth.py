@@ -10,8 +10,11 @@ Real clients: psql (libpq 15), psycopg (its bundled libpq 18, for
 from __future__ import annotations
 
 import asyncio
+import shutil
 import signal
 import ssl
+import tempfile
+from pathlib import Path
 
 import asyncpg
 import psycopg
@@ -246,3 +249,96 @@ async def test_non_loopback_listener_needs_password_or_flag(emulator: Emulator) 
         async with running(env) as p:
             assert p.listen[0].startswith("0.0.0.0:")
 
+
+
+# --------------------------------------------------------------------------- adversarial review
+
+
+async def test_plaintext_refused_under_require_is_the_clients_error(
+    emulator: Emulator, client_tls: TlsFiles
+) -> None:
+    """The refusal is counted as client_error (never internal) and logged at INFO."""
+    env = _tls_env(emulator, client_tls, LAKEPROXY_CLIENT_TLS="require",
+                   LAKEPROXY_ADMIN_LISTEN="127.0.0.1:0")
+    async with asyncio.timeout(T), running(env) as p:
+        for _ in range(3):
+            code, _, err = await psql(
+                f"host=127.0.0.1 port={p.tcp_port()} dbname={DB} sslmode=disable", "SELECT 1")
+            assert code == 2
+            assert "requires an encrypted connection" in err
+        await p.wait_for_line("session end .*outcome=client_error")
+        _, metrics = await p.get("/metrics")
+        ends = p.lines_matching("session end")
+    assert 'lakeproxy_client_connections_total{outcome="client_error"} 3.0' in metrics
+    assert 'lakeproxy_client_connections_total{outcome="internal"} 0.0' in metrics
+    assert len(ends) == 3
+    for line in ends:
+        assert " INFO " in line, line
+        assert "outcome=client_error" in line, line
+        assert "sqlstate=28000" in line, line
+
+
+async def test_unix_socket_listener_is_exempt_from_require(
+    emulator: Emulator, client_tls: TlsFiles
+) -> None:
+    """libpq never uses TLS on a unix socket: require applies to TCP listeners only."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="lp-"))
+    try:
+        env = _tls_env(emulator, client_tls, LAKEPROXY_CLIENT_TLS="require",
+                       LAKEPROXY_LISTEN=f"127.0.0.1:0,unix:{sock_dir}:6499")
+        async with asyncio.timeout(T), running(env) as p:
+            code, out, err = await psql(f"host={sock_dir} port=6499 dbname={DB}",
+                                        "SELECT current_user")
+            assert (code, out) == (0, f"{emulator.role}\n"), err
+            code, _, err = await psql(
+                f"host=127.0.0.1 port={p.tcp_port()} dbname={DB} sslmode=disable", "SELECT 1")
+            assert code == 2
+            assert "requires an encrypted connection" in err
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+#: Passwords SASLprep refuses (a control character; a right-to-left letter before
+#: a left-to-right one). PostgreSQL and libpq salt such a password as it is.
+ODD_PASSWORDS = ("bell\x07ringer-" + "9c" * 8, "\u05d0mixed-bidi-" + "4e" * 8)
+
+
+async def test_password_saslprep_refuses_works_at_start_up(emulator: Emulator) -> None:
+    """Never a traceback: the proxy starts with such a password and psql (libpq)
+    logs in with it."""
+    first = ODD_PASSWORDS[0]
+    env = _env(emulator, LAKEPROXY_CLIENT_PASSWORD=first)
+    async with asyncio.timeout(T), running(env) as p:
+        info = f"host=127.0.0.1 port={p.tcp_port()} dbname={DB}"
+        code, out, err = await psql(info, "SELECT 1", password=first)
+        assert (code, out) == (0, "1\n"), err
+        code, _, err = await psql(info, "SELECT 1", password="bellringer")
+        assert code == 2
+        assert "password authentication failed" in err
+        p.signal(signal.SIGTERM)
+        assert await p.wait() == 0
+    assert "Traceback" not in p.output
+
+
+async def test_password_saslprep_refuses_works_after_sighup(
+    emulator: Emulator, tmp_path: Path,
+) -> None:
+    """The file's password changes to one SASLprep refuses: the reload applies it
+    (no asyncio traceback) and psql logs in with it."""
+    second = ODD_PASSWORDS[1]
+    config = tmp_path / "lakeproxy.toml"
+    config.write_text('[proxy]\nclient_password = "correct-horse-battery"\n')
+    env = _env(emulator, LAKEPROXY_CONFIG=str(config))
+    async with asyncio.timeout(T), running(env) as p:
+        info = f"host=127.0.0.1 port={p.tcp_port()} dbname={DB}"
+        escaped = second.encode("unicode_escape").decode()  # \u05d0..., as TOML writes it
+        config.write_text(f'[proxy]\nclient_password = "{escaped}"\n')
+        mark = len(p.stderr)
+        p.signal(signal.SIGHUP)
+        await p.wait_for_line("configuration reloaded|reload failed", after=mark)
+        code, out, err = await psql(info, "SELECT 2", password=second)
+        assert (code, out) == (0, "2\n"), err + p.output
+        p.signal(signal.SIGTERM)
+        assert await p.wait() == 0
+    assert "Traceback" not in p.output
+    assert not p.lines_matching("reload failed")

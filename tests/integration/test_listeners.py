@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import signal
 import socket
 import stat
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -190,3 +192,30 @@ async def test_two_endpoints_on_two_ports(emulator: Emulator, tmp_path: Path) ->
     assert emulator.workspace.calls[DATABASE_CREDENTIALS_PATH] >= 1
     assert emulator.client_secret not in p.output
     assert not os.environ.get("LAKEPROXY_LISTEN")  # the test's own env was not used
+
+
+# --------------------------------------------------------------------------- adversarial review
+
+
+async def test_clients_that_reset_at_once_are_logged_with_their_address(
+    emulator: Emulator,
+) -> None:
+    """A TCP client that resets right after connecting is logged with the address
+    accept() returned (getpeername() fails once the connection is reset)."""
+    env = _env(emulator, LAKEPROXY_LISTEN="127.0.0.1:0")
+    async with asyncio.timeout(T), running(env) as p:
+        ports: set[int] = set()
+        for _ in range(20):
+            with socket.socket() as s:
+                s.connect(("127.0.0.1", p.tcp_port()))
+                ports.add(s.getsockname()[1])
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        deadline = asyncio.get_running_loop().time() + 20
+        while len(p.lines_matching("session end")) < 20:
+            assert asyncio.get_running_loop().time() < deadline, p.output
+            await asyncio.sleep(0.05)
+        ends = p.lines_matching("session end")
+    assert not [line for line in ends if "client=unix" in line], ends
+    logged = {int(m.group(1)) for line in ends
+              if (m := re.search(r"client=127\.0\.0\.1:(\d+) ", line))}
+    assert logged == ports, ends

@@ -45,13 +45,22 @@ def _packet(code: int, body: bytes) -> bytes:
 
 
 BAD_STARTS = {
-    "http request": b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
-    "tls client hello": bytes.fromhex("16030100f4010000f00303") + b"\x00" * 32,
     "short garbage": b"\x00\x00\x00\x10" + b"\xde\xad\xbe\xef" * 3,
-    "oversized startup": (20_000).to_bytes(4, "big") + (3 << 16).to_bytes(4, "big")
-    + b"user\x00" + b"x" * 9_000,
     "protocol 2.0": _packet(2 << 16, b"user\x00someone\x00database\x00db\x00\x00"),
     "early bytes after SSLRequest": SSL_REQUEST + startup_bytes(PARAMS),
+}
+
+
+#: A startup length field below 8 or above 10,000: PostgreSQL closes the
+#: connection without a reply (the peer may not speak the protocol at all).
+SILENT_STARTS = {
+    "http request": b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    "tls client hello": bytes.fromhex("16030100f4010000f00303") + b"\x00" * 32,
+    "oversized startup": (20_000).to_bytes(4, "big") + (3 << 16).to_bytes(4, "big")
+    + b"user\x00" + b"x" * 9_000,
+    "length below 8": (4).to_bytes(4, "big") + (3 << 16).to_bytes(4, "big"),
+    # node-postgres ending a client before it connected: Terminate, then its startup.
+    "terminate before startup": b"X\x00\x00\x00\x04" + startup_bytes(PARAMS),
 }
 
 
@@ -80,6 +89,31 @@ async def test_bad_start_gets_08p01_and_the_proxy_keeps_serving(
         assert err.message.startswith("lakeproxy:"), err.message
         await _served(p)
     assert emulator.frontdoor.connections == 1  # only the psql at the end went upstream
+
+
+@pytest.mark.parametrize("name", list(SILENT_STARTS))
+async def test_out_of_range_startup_length_is_closed_without_a_reply(
+    emulator: Emulator, proxy: ProxyFactory, name: str,
+) -> None:
+    """As PostgreSQL: no ErrorResponse (node-postgres would raise it as an
+    unhandled error), the connection is closed, counted as a client error, and
+    the proxy keeps serving."""
+    async with asyncio.timeout(20):
+        p = await proxy(emulator)
+        client = await RawClient.open(p.port)
+        try:
+            client.send(SILENT_STARTS[name])
+            messages = await client.read_until_closed()
+        finally:
+            await client.close()
+        assert messages == []
+        await eventually(lambda: _has(p, 'outcome="client_error"} 1.0'), timeout=5)
+        await _served(p)
+    assert emulator.frontdoor.connections == 1  # only the psql at the end went upstream
+
+
+async def _has(p: Proxy, text: str) -> bool:
+    return text in p.metrics.render().decode()
 
 
 async def test_ssl_and_gssenc_requests_get_n_then_login(

@@ -6,6 +6,7 @@ with each password method, the credential being the role's password.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -13,16 +14,19 @@ from pathlib import Path
 import asyncpg
 import pytest
 import pytest_asyncio
+import trustme
 
+from lakeproxy.auth.cache import MIN_REMINT_INTERVAL
 from lakeproxy.emulator import Emulator, FakeWorkspace, PgCluster, make_certs
 from lakeproxy.emulator.api import (
     DATABASE_CREDENTIALS_PATH,
     OIDC_PATH,
     POSTGRES_CREDENTIALS_PATH,
 )
+from lakeproxy.wire.codec import ErrorResponse
 
 from .conftest import ProxyFactory
-from .proxy_rig import Proxy
+from .proxy_rig import Proxy, RawClient, startup_bytes
 
 CREDS = POSTGRES_CREDENTIALS_PATH
 
@@ -241,3 +245,113 @@ async def test_endpoint_refusing_even_a_fresh_credential_gives_28p01(
     assert 'password authentication failed for user "not-the-principals-role"' in exc.message
     assert exc.hint
     assert emulator.workspace.calls[CREDS] == 2
+
+
+# --------------------------------------------------------------------------- adversarial review #4
+
+
+async def _replication_login(p: Proxy) -> ErrorResponse:
+    """A startup asking for a replication connection (the emulator's pg_hba has no
+    replication line); returns the ErrorResponse the client got."""
+    client = await RawClient.open(p.port)
+    try:
+        client.send(startup_bytes({"user": "x", "database": p.database, "replication": "true"}))
+        msg = await client.read_message()
+    finally:
+        await client.close()
+    assert isinstance(msg, ErrorResponse), msg
+    return msg
+
+
+@pytest.fixture(scope="module")
+def pg_without_replication(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgCluster]:
+    """A cluster whose pg_hba.conf has no replication line (as a Lakebase endpoint
+    refuses replication connections): a replication startup gets 28000."""
+    pg = PgCluster(tmp_path_factory.mktemp("pg_norepl"),
+                   hba=["local all all trust", "host all all 127.0.0.1/32 trust"])
+    pg.start()
+    try:
+        yield pg
+    finally:
+        pg.close()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def emulator_without_replication(
+    pg_without_replication: PgCluster, tmp_path: Path,
+) -> AsyncIterator[Emulator]:
+    async with Emulator(tmp_path / "emulator", pg=pg_without_replication) as emu:
+        yield emu
+
+
+async def test_a_28000_about_the_startup_never_touches_the_credential(
+    emulator_without_replication: Emulator, proxy: ProxyFactory,
+) -> None:
+    """50 replication=true startups (refused by the endpoint's pg_hba with 28000):
+    each client gets the endpoint's own 28000, the credential is kept, and the
+    credential API is asked once (the warm-up), not once per connection."""
+    emulator = emulator_without_replication
+    async with asyncio.timeout(60):
+        p = await proxy(emulator)
+        await p.runtime.dialers[0].credentials.get(
+            deadline=asyncio.get_running_loop().time() + 10)
+        errors: list[ErrorResponse] = []
+        for _ in range(5):
+            errors += await asyncio.gather(*(_replication_login(p) for _ in range(10)))
+        assert await p.psql("SELECT 1") == "1\n"  # the credential still works
+    assert len(errors) == 50
+    for err in errors:
+        assert err.sqlstate == "28000", err
+        assert err.message.startswith("no pg_hba.conf entry for replication connection"), err
+    assert emulator.workspace.calls[CREDS] <= 2
+    assert 'lakeproxy_credential_requests_total{kind="database",result="ok"} 1.0' in (
+        p.metrics.render().decode())
+
+
+async def test_refused_credentials_are_reminted_at_most_once_per_interval(
+    emulator: Emulator, proxy: ProxyFactory,
+) -> None:
+    """The endpoint refuses every credential (a role the principal may not log in
+    as): waves of clients each get 28P01, but credentials are minted no more often
+    than MIN_REMINT_INTERVAL, and the waits are counted."""
+    async with asyncio.timeout(60):
+        p = await proxy(emulator, warm=False, LAKEBASE_USER="not-the-principals-role")
+        for _ in range(3):
+            results = await asyncio.gather(
+                *(p.run_psql("SELECT 1") for _ in range(5)))
+            for code, _out, err in results:
+                assert code == 2
+                assert "rejected the fresh credential twice" in err
+    mints = [r.at for r in emulator.workspace.requests if r.path == CREDS]
+    assert len(mints) >= 2
+    gaps = [b - a for a, b in itertools.pairwise(mints)]
+    assert min(gaps) >= MIN_REMINT_INTERVAL - 0.05, gaps
+    limited = [line for line in p.metrics.render().decode().splitlines()
+               if line.startswith("lakeproxy_credential_remints_limited_total ")]
+    assert limited
+    assert float(limited[0].split()[1]) >= 1, limited
+
+
+# --------------------------------------------------------------------------- adversarial review #3
+
+
+async def test_require_with_a_ca_file_never_sends_the_credential_to_another_ca(
+    emulator: Emulator, proxy: ProxyFactory, tls_ca: trustme.CA, tmp_path: Path,
+) -> None:
+    """LAKEBASE_SSLMODE=require with LAKEBASE_SSLROOTCERT naming a CA that did not sign the
+    endpoint's certificate: refused (08006) before any password is sent; with the
+    endpoint's own CA it logs in."""
+    other_ca = tmp_path / "other-ca.pem"
+    tls_ca.cert_pem.write_to_path(str(other_ca))
+    async with asyncio.timeout(30):
+        p = await proxy(emulator, warm=False, LAKEBASE_SSLMODE="require",
+                        LAKEBASE_SSLROOTCERT=str(other_ca))
+        with pytest.raises(asyncpg.PostgresError) as info:
+            await p.asyncpg()
+        assert info.value.sqlstate == "08006"
+        assert "certificate verif" in info.value.message
+        assert emulator.frontdoor.passwords == 0
+        good = await proxy(emulator, warm=False, LAKEBASE_SSLMODE="require",
+                           LAKEBASE_SSLROOTCERT=str(emulator.ca_file))
+        assert await _current_user(good) == emulator.role
+    assert emulator.frontdoor.passwords == 1

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import trustme
 import uvloop
 
 from lakeproxy.emulator.certs import TlsFiles
@@ -429,6 +430,23 @@ async def test_require_accepts_an_untrusted_ca(tls_pg: PgCluster) -> None:
         conn = await connect(_target(tls_pg, "wrong.example.com"), "pw-scram",
                              SCRAM_PARAMS, deadline=_in(10), ssl_context=ctx)
     assert conn.auth_method == "SCRAM-SHA-256-PLUS"
+    conn.close()
+
+
+async def test_require_with_a_ca_file_checks_the_chain_not_the_host_name(
+    tls_pg: PgCluster, server_tls: TlsFiles, tls_ca: trustme.CA, tmp_path: Path,
+) -> None:
+    """libpq: with a root certificate file, ``require`` behaves as ``verify-ca``."""
+    other_ca = tmp_path / "other-ca.pem"
+    tls_ca.cert_pem.write_to_path(str(other_ca))
+    async with asyncio.timeout(30):
+        with pytest.raises(UpstreamConnectError, match="certificate verification failed") as info:
+            await connect(_target(tls_pg), "pw-scram", SCRAM_PARAMS, deadline=_in(10),
+                          ssl_context=make_ssl_context("require", str(other_ca)))
+        assert info.value.sqlstate == "08006"
+        conn = await connect(_target(tls_pg, "wrong.example.com"), "pw-scram", SCRAM_PARAMS,
+                             deadline=_in(10),
+                             ssl_context=make_ssl_context("require", str(server_tls.ca_file)))
     conn.close()
 
 

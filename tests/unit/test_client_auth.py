@@ -13,8 +13,10 @@ import hmac
 import secrets
 
 import pytest
+from scramp import ScramException, ScramMechanism
+from scramp.utils import saslprep
 
-from lakeproxy.client_auth import ScramAuthenticator, ScramVerifier
+from lakeproxy.client_auth import ScramAuthenticator, ScramVerifier, password_bytes
 from lakeproxy.errors import ClientAuthFailed, ClientProtocolError
 from lakeproxy.wire.client_handshake import PasswordReceived
 from lakeproxy.wire.codec import (
@@ -109,3 +111,27 @@ def test_verifier_repr_has_no_keys(verifier: ScramVerifier) -> None:
     assert "salt" not in text
     assert "stored_key" not in text
     assert "server_key" not in text
+
+
+@pytest.mark.parametrize("password", [PASSWORD, "I\u00adX", "\u2168"])  # SASLprep maps both
+def test_verifier_is_the_one_scramp_derives(password: str) -> None:
+    salt = secrets.token_bytes(16)
+    ours = ScramVerifier.from_password(password, salt=salt)
+    theirs = ScramMechanism("SCRAM-SHA-256").make_auth_info(password, 4096, salt)
+    assert (ours.salt, ours.stored_key, ours.server_key, ours.iterations) == theirs
+
+
+@pytest.mark.parametrize("password", ["bell\x07ringer", "\u05d0mixed-bidi", "pw\u0221"])
+def test_password_saslprep_refuses_is_used_as_its_bytes(password: str) -> None:
+    """As PostgreSQL and libpq: a password SASLprep refuses (control character,
+    bidi mix, unassigned code point) is salted as it is, not refused."""
+    with pytest.raises(ScramException):
+        saslprep(password)
+    assert password_bytes(password) == password.encode()
+    _exchange(ScramAuthenticator(ScramVerifier.from_password(password)), password)
+
+
+def test_password_that_is_not_utf8_is_used_as_its_bytes() -> None:
+    raw = b"caf\xe9-latin1"
+    password = raw.decode("utf-8", "surrogateescape")  # as os.environ holds it
+    assert password_bytes(password) == raw

@@ -388,7 +388,8 @@ def test_make_demo_listen_is_passed_on(tmp_path: Path) -> None:
     if make is None:
         pytest.skip("no make")
     out = subprocess.run(
-        [make, "-n", "demo", f"VENV={tmp_path / 'venv'}", "LISTEN=127.0.0.1:6433"], cwd=REPO,
+        [make, "--no-print-directory", "-n", "demo", f"VENV={tmp_path / 'venv'}",
+         "LISTEN=127.0.0.1:6433"], cwd=REPO,
         capture_output=True, text=True, check=True,
     ).stdout
     assert out.splitlines()[-1].endswith("/bin/lakeproxy demo --listen 127.0.0.1:6433")

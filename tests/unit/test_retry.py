@@ -45,7 +45,12 @@ from lakeproxy.retry import (
         ("XX000", "internal error", K.FINAL),
         ("XX000", "password authentication failed for user 'x'", K.AUTH),
         ("28P01", 'password authentication failed for user "x"', K.AUTH),
-        ("28000", 'no pg_hba.conf entry for host "1.2.3.4"', K.AUTH),
+        ("28000", 'no pg_hba.conf entry for host "1.2.3.4"', K.FINAL),
+        ("28000", 'no pg_hba.conf entry for replication connection from host "127.0.0.1", '
+                  'user "u", no encryption', K.FINAL),
+        ("28000", 'role "token" is not permitted to log in', K.FINAL),
+        ("28000", 'password authentication failed for user "x"', K.AUTH),
+        ("28000", "invalid authorization: token is expired", K.AUTH),
         ("28000", 'role "x" does not exist', K.FINAL),
         ("3D000", 'database "x" does not exist', K.FINAL),
         ("53300", "sorry, too many clients already", K.FINAL),

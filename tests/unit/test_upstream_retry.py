@@ -121,7 +121,7 @@ async def test_front_door_auth_failure_counts_as_auth(monkeypatch: pytest.Monkey
 
 async def test_auth_failure_twice(monkeypatch: pytest.MonkeyPatch) -> None:
     script = Script(monkeypatch, rejected("28P01", "password authentication failed"),
-                    rejected("28000", "pg_hba says no"), OK)
+                    rejected("28000", "password authentication failed for user \"r\""), OK)
 
     async def refresh() -> str:
         return "token-2"
@@ -130,7 +130,28 @@ async def test_auth_failure_twice(monkeypatch: pytest.MonkeyPatch) -> None:
         await run(script, refresh_credential=refresh)
     assert info.value.sqlstate == "28P01"
     assert "twice" in str(info.value)
-    assert "pg_hba says no" in str(info.value)
+    assert 'password authentication failed for user "r"' in str(info.value)
+    assert script.outcomes == [OK]
+
+
+async def test_28000_that_is_not_about_the_password_is_final(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """pg_hba refusing the startup (e.g. replication=true) is the endpoint's answer
+    to the client: forwarded as it is, no fresh credential, no retry."""
+    refusal = rejected("28000", "no pg_hba.conf entry for replication connection")
+    script = Script(monkeypatch, refusal, OK)
+    refreshed: list[str] = []
+
+    async def refresh() -> str:
+        refreshed.append("x")
+        return "token-2"
+
+    with pytest.raises(UpstreamRejected) as info:
+        await run(script, refresh_credential=refresh)
+    assert info.value.sqlstate == "28000"
+    assert refreshed == []
+    assert script.tokens == ["token-1"]
     assert script.outcomes == [OK]
 
 
