@@ -27,6 +27,7 @@ from lakeproxy.client_auth import ScramAuthenticator, ScramVerifier
 from lakeproxy.config import Config, EndpointConfig, Listener, reload_config
 from lakeproxy.errors import ConfigError, CredentialError, LakeproxyError
 from lakeproxy.fds import FDS_PER_CLIENT, FDS_RESERVED, clients_allowed, raise_open_files_limit
+from lakeproxy.log import add_secret
 from lakeproxy.metrics import Metrics
 from lakeproxy.server import Endpoint, ProxyServer, bind_error
 from lakeproxy.session import ClientAuthenticator
@@ -74,6 +75,7 @@ class Runtime:
         self.config = config
         self.metrics = metrics
         self._tasks: set[asyncio.Task[None]] = set()
+        self._retired: list[EndpointDialer] = []  # replaced by a reload, closed later
         self.dialers = [build_dialer(config, ep, metrics) for ep in config.endpoints]
         self.server = ProxyServer(
             config,
@@ -108,11 +110,14 @@ class Runtime:
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration; new connections use the new settings."""
+        old_deadline = self.config.connect_deadline
         try:
             new = reload_config(self.config, env=os.environ)
         except ConfigError as exc:
             log.error("reload failed, keeping the old configuration: %s", exc)
             return
+        for secret in new.secrets():  # a rotated secret is redacted too
+            add_secret(secret)
         if len(new.endpoints) != len(self.config.endpoints):
             log.error("reload failed, keeping the old configuration: the number of endpoints "
                       "changed (%d -> %d); restart to apply that",
@@ -180,9 +185,20 @@ class Runtime:
         for d in dialers:
             if not any(d is k for k in kept):
                 self._spawn(self._warm(d))  # readiness needs a credential for each
+        grace = max(old_deadline, new.connect_deadline)
         for d in old:
             if not any(d is k for k in kept):
-                self._spawn(d.close())
+                # Sessions that began before the reload may still be dialing through
+                # it (credential, status, a retry's refresh): close it only once
+                # their connect deadline has passed.
+                self._retired.append(d)
+                self._spawn(self._retire(d, grace))
+
+    async def _retire(self, dialer: EndpointDialer, after: float) -> None:
+        await asyncio.sleep(after)
+        if dialer in self._retired:
+            self._retired.remove(dialer)
+            await dialer.close()
 
     def _spawn(self, coro: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -194,7 +210,8 @@ class Runtime:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for d in self.dialers:
+        retired, self._retired = self._retired, []
+        for d in [*self.dialers, *retired]:
             await d.close()
 
 

@@ -237,11 +237,7 @@ def _load(args: argparse.Namespace, *, log_warnings: bool = True) -> Config:
         value = getattr(args, key, None)
         flags[key] = ",".join(value) if isinstance(value, list) else value
     config = load_config(env=os.environ, argv=flags, config_file=args.config)
-    dbx = config.databricks
-    for secret in (
-        dbx.client_secret, dbx.token, config.client_password, dbx.oidc_token,
-        dbx.azure_client_secret, dbx.identity_header,
-    ):
+    for secret in config.secrets():
         add_secret(secret)
     setup_logging(config.log_format, config.log_level)
     if log_warnings:

@@ -151,6 +151,7 @@ class Acceptor:
                         return
                     continue
                 log.error("accept failed on %s: %s", _name(self.sock), exc)
+                self._pause()  # a persistent error must not spin or flood the log
                 return
             conn.setblocking(False)
             task = self._loop.create_task(self._serve(conn, addr))
@@ -163,6 +164,9 @@ class Acceptor:
         except OSError as exc:  # e.g. reset before the transport was made
             log.debug("accepted connection lost at once: %s", exc)
             conn.close()
+        except BaseException:
+            conn.close()
+            raise
 
     def _refuse_one(self, exc: OSError) -> bool:
         """Answer one waiting client with the reserve descriptor. Returns False
@@ -185,7 +189,9 @@ class Acceptor:
                 conn.send(self._refusal)
             conn.close()
         self._reserve = _open_reserve()
-        if self._reserve is None:
+        if conn is None or self._reserve is None:
+            # Nothing was refused (ENFILE, ENOBUFS, or the freed descriptor was
+            # taken): pause instead of trying again at once.
             self._pause()
             return False
         return True

@@ -1,8 +1,8 @@
-"""Listeners, the session registry, drain and signals.
+"""Listeners, the session registry and drain.
 
 :class:`ProxyServer` binds every listener of every endpoint, keeps its own
 ``set`` of live sessions (uvloop's Server has no ``close_clients``), enforces
-``max_clients`` and drains on shutdown. :func:`serve` is ``lakeproxy run``.
+``max_clients`` and drains on shutdown (:func:`lakeproxy.app.serve` runs it).
 """
 
 from __future__ import annotations
@@ -91,6 +91,8 @@ class ProxyServer:
         self._logging_in: dict[Session, None] = {}
         #: Connections past it: these count against ``max_clients``.
         self._clients: set[Session] = set()
+        #: Sessions whose client left while their endpoint session is reset for reuse.
+        self._resetting: set[Session] = set()
         self._evicted = 0
         self._evicted_logged_at = -_EVICTION_LOG_INTERVAL
         self.cancels: CancelRegistry[Dialer] = CancelRegistry()
@@ -274,6 +276,8 @@ class ProxyServer:
         parked = self.pool.close_all()
         if parked:
             log.info("shutting down: closed %d parked endpoint session(s)", parked)
+        for s in list(self._resetting):  # no client any more: not worth the grace
+            s.close(abort=True)
         deadline = time.monotonic() + grace
         while self.sessions and time.monotonic() < deadline:  # noqa: ASYNC110 - polls a set
             await asyncio.sleep(0.05)
@@ -284,7 +288,7 @@ class ProxyServer:
             log.info("shutdown grace over: closed %d open session(s)", len(left))
         # Give aborted sessions a moment to run their finally blocks.
         for _ in range(40):
-            if not self.sessions:
+            if not self.sessions and not self._resetting:
                 break
             await asyncio.sleep(0.025)
         return len(left)
@@ -361,6 +365,7 @@ class ProxyServer:
         """A session's client left while its endpoint session is reset for reuse."""
         self.sessions.discard(session)
         self._clients.discard(session)
+        self._resetting.add(session)
 
     def _not_ready_for_ping(self) -> str | None:
         # The ping is still in its pre-login phase: not one of the counted clients.
@@ -368,6 +373,7 @@ class ProxyServer:
 
     def _session_finished(self, session: Session) -> None:
         self._clients.discard(session)
+        self._resetting.discard(session)
         self._logging_in.pop(session, None)
         r = session.record
         self.metrics.session_finished(r.outcome, r.bytes_up, r.bytes_down)

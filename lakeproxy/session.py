@@ -496,7 +496,8 @@ class Session:
             lease = await pool.take(key)
             self.record.reused = lease is not None
             if lease is not None:
-                if conn.hung_up():
+                # Reading is paused: the poll sees an EOF that conn.gone would not.
+                if conn.hung_up() or _hung_up(self.transport):
                     pool.restore(lease)
                     raise _ClientGone
                 await self._relay_startup(lease, lease)
@@ -512,7 +513,7 @@ class Session:
         finally:
             self.connecting = False
         hooks.on_upstream_connected(loop.time() - started)
-        if conn.hung_up():
+        if conn.hung_up() or _hung_up(self.transport):
             upstream.transport.abort()
             raise _ClientGone
         new_lease = None

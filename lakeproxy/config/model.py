@@ -199,6 +199,13 @@ class Config:
     #: :attr:`EndpointConfig.sources`.
     sources: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value this configuration holds (for log redaction)."""
+        dbx = self.databricks
+        values = (dbx.client_secret, dbx.token, self.client_password, dbx.oidc_token,
+                  dbx.azure_client_secret, dbx.identity_header)
+        return tuple(v for v in values if v)
+
 
 def name_sources(hint: str | None, *sources: tuple[tuple[str, str], ...]) -> str | None:
     """``hint`` with each variable it names replaced by where that value came from.

@@ -993,3 +993,19 @@ def test_sources_name_the_profile(tmp_path: Path) -> None:
                    "ENDPOINT_NAME": "projects/p/branches/b/endpoints/e", "LAKEBASE_USER": "r"})
     assert name_sources("check DATABRICKS_TOKEN (it may be expired)", config.sources) == (
         f"check token in profile [dev] of {cfg} (it may be expired)")
+
+
+def test_secrets_lists_every_field_kept_out_of_reprs() -> None:
+    """Config.secrets() (what cli and a SIGHUP reload register for redaction)
+    names every secret field: the ones declared repr=False, whatever their type."""
+    import dataclasses
+
+    from lakeproxy.config import DatabricksConfig
+
+    secret_fields = [f.name for f in dataclasses.fields(DatabricksConfig)
+                     if not f.repr and f.type in ("str | None", str | None)]
+    dbx = dataclasses.replace(DatabricksConfig("https://w.example"),
+                              **{name: f"s-{name}" for name in secret_fields})  # type: ignore[arg-type]
+    cfg = dataclasses.replace(load(ENV), databricks=dbx, client_password="s-client-password")
+    assert len(secret_fields) >= 5
+    assert set(cfg.secrets()) == {f"s-{n}" for n in secret_fields} | {"s-client-password"}
