@@ -29,6 +29,7 @@ from typing import Any, Final, Protocol, TextIO, TypeVar, cast
 
 from lakeproxy import __version__
 from lakeproxy.config import (
+    DEFAULT_LISTEN,
     FLAG_KEYS,
     Config,
     load_config,
@@ -42,7 +43,6 @@ from lakeproxy.log import add_secret, setup_logging
 PROG: Final = "lakeproxy"
 COMMANDS: Final = ("run", "check", "token", "demo", "emulator", "wait")
 DEFAULT_WAIT_TIMEOUT: Final = "60"
-DEFAULT_DEMO_LISTEN: Final = "127.0.0.1:6432"
 #: What ``lakeproxy demo`` / ``emulator`` need beyond a plain ``pip install lakeproxy``.
 EMULATOR_EXTRA_HINT: Final = (
     "the emulator needs the optional extra: pip install 'lakeproxy[emulator]'"
@@ -343,7 +343,7 @@ def _need_emulator_extra() -> None:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     _setup_logging_from(args, os.environ)
-    listen_text = args.listen or os.environ.get("LAKEPROXY_LISTEN") or DEFAULT_DEMO_LISTEN
+    listen_text = args.listen or os.environ.get("LAKEPROXY_LISTEN") or DEFAULT_LISTEN
     origin = (f"--listen={listen_text} (command line)" if args.listen
               else f"LAKEPROXY_LISTEN={listen_text} (environment)")
     try:

@@ -14,10 +14,8 @@ import socket
 import sys
 
 from lakeproxy.app import serve
-from lakeproxy.config import load_config, parse_host_port
+from lakeproxy.config import DEFAULT_LISTEN, load_config, parse_host_port
 from lakeproxy.server import ProxyServer
-
-DEFAULT_DEMO_LISTEN = "127.0.0.1:6432"
 
 
 def _address_in_use(host: str, port: int) -> str | None:
@@ -35,7 +33,7 @@ def _address_in_use(host: str, port: int) -> str | None:
     return None
 
 
-async def run_demo(listen: str = DEFAULT_DEMO_LISTEN) -> int:
+async def run_demo(listen: str = DEFAULT_LISTEN) -> int:
     """Start the emulator, serve a proxy on ``listen`` (``HOST:PORT``) in front of it
     until Ctrl-C. Returns 0, or 1 when ``listen`` is taken (one line, with the fix)."""
     from lakeproxy.emulator import Emulator

@@ -22,6 +22,7 @@ from typing import Final, Protocol, cast
 
 from lakeproxy.boundaries import TrackedSplice
 from lakeproxy.cancel import CancelRegistry, CancelTarget
+from lakeproxy.config import DEFAULT_LOGIN_TIMEOUT
 from lakeproxy.errors import (
     ClientNotAllowed,
     ClientProtocolError,
@@ -62,8 +63,6 @@ log = logging.getLogger("lakeproxy.session")
 #: Each message a client owes before its session starts must arrive within this.
 LOGIN_MESSAGE_TIMEOUT: Final = 10.0
 
-#: Seconds for the whole pre-login phase (LAKEPROXY_LOGIN_TIMEOUT's default).
-LOGIN_TIMEOUT: Final = 15.0
 
 #: While the endpoint is dialed, how often the client's socket is checked for a hang-up.
 HANG_UP_POLL: Final = 0.25
@@ -169,7 +168,7 @@ class SessionHooks:
     client_gone: Callable[[Session], None] = lambda session: None
     #: The whole pre-login phase (SSL/GSS negotiation, startup, password) must
     #: end within this many seconds of the accept.
-    login_timeout: float = LOGIN_TIMEOUT
+    login_timeout: float = DEFAULT_LOGIN_TIMEOUT
     #: Called when the pre-login phase starts and when it ends (the pre-login
     #: budget: the server may :meth:`Session.evict` the oldest in that phase).
     enter_login: Callable[[Session], None] = lambda session: None
